@@ -1,0 +1,140 @@
+"""The handler's configuration: the ``handler:`` section of a model's model-config.yaml.
+
+Read once when the worker starts. Unknown keys are rejected so a typo in a deployment cannot
+silently fall back to a default. Units are in the names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from handler.errors import ConfigError
+from handler.variants import GenerationDefaults
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Upper bounds on what one request may ask for. They protect the worker, not quality."""
+
+    max_side_px: int = 1280
+    # Largest width x height; the native 720p area by default.
+    max_pixels: int = 1280 * 720
+    max_num_frames: int = 161
+    max_fps: int = 60
+    max_inference_steps: int = 100
+    max_guidance_scale: float = 20.0
+    max_prompt_chars: int = 4000
+    # Decoded image bytes; the base64 text may be 4/3 of this.
+    max_image_bytes: int = 16 * 1024 * 1024
+    # Checked from the image header before any pixel is decoded (decompression bombs).
+    max_image_pixels: int = 4096 * 4096
+    # The whole JSON body as bytes, when TorchServe hands it over undecoded.
+    max_body_bytes: int = 24 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class VideoEncoding:
+    """libx264 settings for the MP4 we return."""
+
+    crf: int = 18
+    preset: str = "veryfast"
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    model_path: Path
+    # Overrides of the variant's defaults table, by GenerationDefaults field name.
+    default_overrides: Mapping[str, Any] = field(default_factory=dict)
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    video: VideoEncoding = field(default_factory=VideoEncoding)
+    # torch intra-op threads per worker on CPU; None: the machine's cores / maxWorkers.
+    cpu_threads: int | None = None
+
+    def defaults_for(self, variant_defaults: GenerationDefaults) -> GenerationDefaults:
+        return dataclasses.replace(variant_defaults, **self.default_overrides)
+
+
+def _typed_section(cls, section: Any, where: str):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if section is None:
+        return cls()
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {type(section).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in section.items():
+        if key not in known:
+            raise ConfigError(f"unknown key {where}.{key}; known: {', '.join(sorted(known))}")
+        values[key] = _check_type(value, type(getattr(cls(), key)), f"{where}.{key}")
+    return cls(**values)
+
+
+def _check_type(value: Any, expected: type, where: str) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
+        raise ConfigError(f"{where} must be {expected.__name__}, got {value!r}")
+    return value
+
+
+_DEFAULT_FIELD_TYPES = {
+    "width": int, "height": int, "num_frames": int, "fps": int, "num_inference_steps": int,
+    "guidance_scale": float, "guidance_scale_2": float, "flow_shift": float,
+    "negative_prompt": str,
+}
+_HANDLER_KEYS = {"model_path", "defaults", "limits", "video", "cpu_threads"}
+
+
+def load_handler_config(model_yaml: Mapping[str, Any] | None, model_dir: str | Path) -> HandlerConfig:
+    """Parse model-config.yaml (as TorchServe hands it over) into a HandlerConfig.
+
+    ``handler.model_path`` may be absolute or relative to the model's folder; the environment
+    variable ``WAN_MODEL_PATH`` overrides it (handy in containers).
+    """
+    section = (model_yaml or {}).get("handler") or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError("handler: must be a mapping in model-config.yaml")
+    unknown = set(section) - _HANDLER_KEYS
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) handler.{', handler.'.join(sorted(unknown))}; "
+            f"known: {', '.join(sorted(_HANDLER_KEYS))}"
+        )
+
+    raw_path = os.environ.get("WAN_MODEL_PATH") or section.get("model_path")
+    if not raw_path or not isinstance(raw_path, str):
+        raise ConfigError("handler.model_path is required: the folder of the diffusers checkpoint")
+    model_path = Path(raw_path)
+    if not model_path.is_absolute():
+        # TorchServe hands a symlinked temp folder for no-archive models; resolve it first so
+        # relative paths mean "relative to the model's own folder".
+        model_path = Path(os.path.realpath(model_dir)) / model_path
+
+    overrides = section.get("defaults") or {}
+    if not isinstance(overrides, Mapping):
+        raise ConfigError("handler.defaults must be a mapping")
+    checked = {}
+    for key, value in overrides.items():
+        if key not in _DEFAULT_FIELD_TYPES:
+            raise ConfigError(
+                f"unknown key handler.defaults.{key}; known: {', '.join(sorted(_DEFAULT_FIELD_TYPES))}"
+            )
+        checked[key] = _check_type(value, _DEFAULT_FIELD_TYPES[key], f"handler.defaults.{key}")
+
+    cpu_threads = section.get("cpu_threads")
+    if cpu_threads is not None:
+        cpu_threads = _check_type(cpu_threads, int, "handler.cpu_threads")
+        if cpu_threads < 1:
+            raise ConfigError("handler.cpu_threads must be at least 1")
+
+    return HandlerConfig(
+        model_path=model_path.resolve(),
+        default_overrides=checked,
+        limits=_typed_section(RequestLimits, section.get("limits"), "handler.limits"),
+        video=_typed_section(VideoEncoding, section.get("video"), "handler.video"),
+        cpu_threads=cpu_threads,
+    )

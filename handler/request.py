@@ -1,0 +1,259 @@
+"""The one request type, validated once at the edge.
+
+``parse_request`` turns a JSON body into a frozen ``GenerationRequest`` or raises an
+``InvalidRequest`` / ``PayloadTooLarge`` naming the field and the rule. Nothing is rounded or
+silently changed: a size that is not a multiple of the variant's step, or a frame count that is
+not 4k+1, is refused (diffusers would round it with only a log warning).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Mapping
+
+from PIL import Image
+
+from handler.config import RequestLimits
+from handler.errors import InvalidRequest, PayloadTooLarge
+from handler.images import decode_image
+from handler.variants import GenerationDefaults, ImageInput, VariantSpec
+
+MAX_SEED = 2**63 - 1
+
+
+class OutputKind(str, Enum):
+    URL = "url"  # uploaded to object storage, presigned URL in the JSON
+    INLINE = "inline"  # base64 MP4 in the JSON
+    MP4 = "mp4"  # the MP4 bytes as the whole response body
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str
+    image: Image.Image | None
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_scale_2: float | None
+    seed: int
+    output: OutputKind
+    stream: bool
+
+    @property
+    def duration_s(self) -> float:
+        return self.num_frames / self.fps
+
+    def parameters(self) -> dict[str, Any]:
+        """The effective parameters, as echoed in responses and records (no image pixels)."""
+        return {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "has_image": self.image is not None,
+            "width": self.width,
+            "height": self.height,
+            "num_frames": self.num_frames,
+            "fps": self.fps,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "guidance_scale_2": self.guidance_scale_2,
+            "seed": self.seed,
+            "output": self.output.value,
+        }
+
+
+FIELDS = (
+    "prompt", "negative_prompt", "image", "width", "height", "num_frames", "fps",
+    "num_inference_steps", "guidance_scale", "guidance_scale_2", "seed", "output", "stream",
+)
+
+
+def decode_body(body: Any, limits: RequestLimits) -> dict[str, Any]:
+    """Accept what TorchServe hands over (a dict, or bytes/str of JSON) and return a dict."""
+    if isinstance(body, (bytes, bytearray)):
+        if len(body) > limits.max_body_bytes:
+            raise PayloadTooLarge(f"request body is {len(body)} bytes, over the {limits.max_body_bytes} byte limit")
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequest("request body is not UTF-8 text") from None
+    if isinstance(body, str):
+        if not body.strip():
+            raise InvalidRequest("request body is empty; send a JSON object with at least a prompt")
+        try:
+            body = json.loads(body)
+        except ValueError as e:
+            raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _int(body: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = body.get(name, default)
+    # bool is an int in Python; true as a width is a client bug, not 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{name} must be an integer, got {json.dumps(value)[:40]}", name)
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} must be between {low} and {high}, got {value}", name)
+    return value
+
+
+def _number(body: Mapping[str, Any], name: str, default: float, high: float) -> float:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(f"{name} must be a number, got {json.dumps(value)[:40]}", name)
+    if not math.isfinite(value):
+        raise InvalidRequest(f"{name} must be a finite number, got {value}", name)
+    if not 0 <= value <= high:
+        raise InvalidRequest(f"{name} must be between 0 and {high}, got {value}", name)
+    return float(value)
+
+
+def _text(body: Mapping[str, Any], name: str, default: str | None, max_chars: int, required: bool) -> str:
+    value = body.get(name, default)
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name} must be a string" + (" (it is required)" if value is None else ""), name)
+    if required and not value.strip():
+        raise InvalidRequest(f"{name} must not be empty", name)
+    if len(value) > max_chars:
+        raise InvalidRequest(f"{name} is {len(value)} characters, over the {max_chars} limit", name)
+    if "\x00" in value:
+        raise InvalidRequest(f"{name} contains a NUL character", name)
+    return value
+
+
+def _size_for_image(image: Image.Image, defaults: GenerationDefaults, multiple: int) -> tuple[int, int]:
+    """Default size for an image request: the default pixel area with the image's aspect.
+
+    This is how the official generate.py sizes image-to-video (``max_area``); the result is
+    floored to the variant's multiple, so it never exceeds the default area.
+    """
+    area = defaults.width * defaults.height
+    aspect = image.height / image.width
+    height = max(multiple, int(round(math.sqrt(area * aspect))) // multiple * multiple)
+    width = max(multiple, int(round(math.sqrt(area / aspect))) // multiple * multiple)
+    return width, height
+
+
+def _check_size(name: str, value: int, spec: VariantSpec) -> None:
+    if value % spec.size_multiple:
+        raise InvalidRequest(
+            f"{name} must be a multiple of {spec.size_multiple} for {spec.name}, got {value} "
+            "(sizes are not rounded)",
+            name,
+        )
+
+
+def parse_request(
+    body: Any,
+    spec: VariantSpec,
+    defaults: GenerationDefaults,
+    limits: RequestLimits,
+    storage_configured: bool,
+) -> GenerationRequest:
+    """Validate a request body against the contract and the serving variant."""
+    body = decode_body(body, limits)
+    unknown = sorted(set(body) - set(FIELDS))
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field(s): {', '.join(unknown)}; accepted fields: {', '.join(FIELDS)}", unknown[0]
+        )
+    # JSON null means "not given" for every optional field (generated clients send nulls).
+    body = {name: value for name, value in body.items() if value is not None}
+
+    prompt = _text(body, "prompt", None, limits.max_prompt_chars, required=True)
+    negative_prompt = _text(body, "negative_prompt", defaults.negative_prompt, limits.max_prompt_chars, required=False)
+
+    image = None
+    if "image" in body:
+        if spec.image_input is ImageInput.REJECTED:
+            raise InvalidRequest(f"{spec.name} is text-to-video and takes no image", "image")
+        image = decode_image(body["image"], max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
+    elif spec.image_input is ImageInput.REQUIRED:
+        raise InvalidRequest(f"{spec.name} is image-to-video: image is required", "image")
+
+    given = [name for name in ("width", "height") if name in body]
+    if len(given) == 1:
+        missing = "height" if given == ["width"] else "width"
+        raise InvalidRequest(f"give both width and height, or neither (missing {missing})", missing)
+    if given:
+        width = _int(body, "width", 0, spec.size_multiple, limits.max_side_px)
+        height = _int(body, "height", 0, spec.size_multiple, limits.max_side_px)
+        _check_size("width", width, spec)
+        _check_size("height", height, spec)
+    elif image is not None:
+        width, height = _size_for_image(image, defaults, spec.size_multiple)
+    else:
+        width, height = defaults.width, defaults.height
+    if width * height > limits.max_pixels:
+        raise InvalidRequest(
+            f"width x height is {width * height} pixels, over the {limits.max_pixels} limit", "width"
+        )
+
+    num_frames = _int(body, "num_frames", defaults.num_frames, 1, limits.max_num_frames)
+    if (num_frames - 1) % 4:
+        raise InvalidRequest(
+            f"num_frames must be 4k+1 (1, 5, 9, ..., 81, ..., 121), got {num_frames} (frame counts are not rounded)",
+            "num_frames",
+        )
+    fps = _int(body, "fps", defaults.fps, 1, limits.max_fps)
+    steps = _int(body, "num_inference_steps", defaults.num_inference_steps, 1, limits.max_inference_steps)
+    guidance_scale = _number(body, "guidance_scale", defaults.guidance_scale, limits.max_guidance_scale)
+    if spec.two_experts:
+        guidance_scale_2 = _number(
+            body, "guidance_scale_2", defaults.guidance_scale_2 if defaults.guidance_scale_2 is not None else guidance_scale,
+            limits.max_guidance_scale,
+        )
+        if guidance_scale <= 1.0 < guidance_scale_2:
+            # diffusers switches classifier-free guidance on or off for both experts together,
+            # from guidance_scale alone; guidance_scale_2 would be ignored without a word.
+            raise InvalidRequest(
+                "guidance_scale_2 > 1 needs guidance_scale > 1 (guidance is on or off for both experts)",
+                "guidance_scale_2",
+            )
+    elif "guidance_scale_2" in body:
+        raise InvalidRequest(f"guidance_scale_2 applies only to two-expert variants, not {spec.name}", "guidance_scale_2")
+    else:
+        guidance_scale_2 = None
+
+    seed = _int(body, "seed", 0, 0, MAX_SEED) if "seed" in body else secrets.randbelow(MAX_SEED)
+
+    output_value = body.get("output", OutputKind.URL.value if storage_configured else OutputKind.INLINE.value)
+    try:
+        output = OutputKind(output_value)
+    except (ValueError, TypeError):
+        raise InvalidRequest(
+            f"output must be one of {', '.join(k.value for k in OutputKind)}, got {json.dumps(output_value)[:40]}", "output"
+        ) from None
+    if output is OutputKind.URL and not storage_configured:
+        raise InvalidRequest("output 'url' needs object storage, and this server has none configured (WAN_S3_BUCKET)", "output")
+
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest(f"stream must be true or false, got {json.dumps(stream)[:40]}", "stream")
+    if stream and output is OutputKind.MP4:
+        raise InvalidRequest("stream: true answers in NDJSON lines; use output 'inline' or 'url' with it", "output")
+
+    return GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        image=image,
+        width=width,
+        height=height,
+        num_frames=num_frames,
+        fps=fps,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        guidance_scale_2=guidance_scale_2,
+        seed=seed,
+        output=output,
+        stream=stream,
+    )

@@ -1,0 +1,159 @@
+"""One request end to end: validate, generate, encode, package; errors mapped in one place.
+
+``WanService`` is everything the TorchServe handler does, minus TorchServe: tests drive it
+in-process with the same bodies a client sends. Streaming is a callback (``emit``) that the
+adapter wires to TorchServe's intermediate responses.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from handler.config import HandlerConfig, load_handler_config
+from handler.errors import InternalError, InvalidRequest, OutOfMemory, WanError
+from handler.pipeline import WanVideoPipeline, pick_device
+from handler.request import GenerationRequest, OutputKind, parse_request
+from handler.video import MP4_CONTENT_TYPE, encode_mp4
+
+log = logging.getLogger(__name__)
+
+JSON_CONTENT_TYPE = "application/json"
+NDJSON_CONTENT_TYPE = "application/x-ndjson"
+
+# emit(line) sends one NDJSON line to the client before the final reply.
+Emit = Callable[[str], None]
+
+
+@dataclass
+class Reply:
+    """What goes back for one request: status, content type and body (dict, str or bytes)."""
+
+    body: Any
+    content_type: str = JSON_CONTENT_TYPE
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def ndjson_line(event: Mapping[str, Any]) -> str:
+    return json.dumps(event, separators=(",", ":")) + "\n"
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+
+
+class WanService:
+    def __init__(self, config: HandlerConfig, pipeline: WanVideoPipeline):
+        self.config = config
+        self.pipeline = pipeline
+        self.spec = pipeline.spec
+        self.defaults = config.defaults_for(pipeline.spec.defaults)
+        self.storage = None  # object storage arrives with the storage feature; design for it
+
+    @classmethod
+    def from_model_config(cls, model_yaml: Mapping[str, Any] | None, model_dir: str | Path,
+                          gpu_id: int | None = None) -> "WanService":
+        """Start from model-config.yaml as TorchServe hands it over."""
+        config = load_handler_config(model_yaml, model_dir)
+        device = pick_device(gpu_id)
+        if device.type == "cpu":
+            max_workers = int((model_yaml or {}).get("maxWorkers") or 1)
+            # TorchServe leaves intra-op threads at the core count in every worker; workers
+            # then fight over the same cores (7x slower seen with 2 workers on 2 cores).
+            torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // max_workers))
+        pipeline = WanVideoPipeline.load(config.model_path, config.defaults_for, device)
+        log.info("loaded %s from %s on %s", pipeline.spec.name, config.model_path, device)
+        return cls(config, pipeline)
+
+    @property
+    def storage_configured(self) -> bool:
+        return self.storage is not None
+
+    def parse(self, body: Any, enveloped: bool = False) -> GenerationRequest:
+        request = parse_request(body, self.spec, self.defaults, self.config.limits, self.storage_configured)
+        if enveloped and (request.stream or request.output is OutputKind.MP4):
+            # The KServe envelopes wrap every answer in a JSON document and KServe's proxy does
+            # not pass streams through: only JSON outputs make sense there.
+            raise InvalidRequest(
+                "through the KServe envelope, use output 'inline' or 'url' without stream", "output"
+            )
+        self.pipeline.check_prompt_length(request.prompt, "prompt")
+        self.pipeline.check_prompt_length(request.negative_prompt, "negative_prompt")
+        return request
+
+    def handle(self, body: Any, request_id: str, emit: Emit | None = None, enveloped: bool = False) -> Reply:
+        """Answer one request. Never raises: every failure becomes an error reply."""
+        started = time.perf_counter()
+        streaming = False
+        try:
+            request = self.parse(body, enveloped)
+            streaming = request.stream and emit is not None
+
+            def on_step(step: int, total: int, elapsed_s: float) -> None:
+                if streaming:
+                    emit(ndjson_line({"event": "progress", "step": step, "total": total,
+                                      "elapsed_s": round(elapsed_s, 3)}))
+
+            result = self._generate(request, request_id, on_step, started)
+            if request.output is OutputKind.MP4:
+                mp4 = result.pop("_mp4")
+                return Reply(body=mp4, content_type=MP4_CONTENT_TYPE,
+                             headers={"x-wan-seed": str(request.seed), "x-wan-request-id": request_id})
+            result.pop("_mp4", None)
+            if streaming:
+                return Reply(body=ndjson_line({"event": "result", **result}), content_type=NDJSON_CONTENT_TYPE)
+            return Reply(body=result)
+        except Exception as exc:  # the one place where failures become responses
+            error = self._as_wan_error(exc, request_id)
+            if streaming:
+                # Progress lines already went out with status 200: the error is the last line.
+                return Reply(body=ndjson_line({"event": "error", **error.to_body()}),
+                             content_type=NDJSON_CONTENT_TYPE)
+            return Reply(body=error.to_body(), status=error.http_status)
+
+    def _as_wan_error(self, exc: Exception, request_id: str) -> WanError:
+        if isinstance(exc, WanError):
+            if exc.http_status >= 500:
+                log.error("request %s failed: %s", request_id, exc.message)
+            return exc
+        if _is_out_of_memory(exc):
+            self.pipeline.release_memory()
+            log.error("request %s ran out of memory: %s", request_id, exc)
+            return OutOfMemory(f"out of memory generating this video ({exc.__class__.__name__}); "
+                               "try a smaller size or fewer frames")
+        log.exception("request %s failed with an unexpected error", request_id)
+        return InternalError(f"internal error; see the server log for request {request_id}")
+
+    def _generate(self, request: GenerationRequest, request_id: str, on_step, started: float) -> dict[str, Any]:
+        generated = self.pipeline.generate(request, on_step)
+        mark = time.perf_counter()
+        mp4 = encode_mp4(generated.frames, request.fps, self.config.video)
+        timings = dict(generated.timings_s, video_encode_s=time.perf_counter() - mark)
+        warnings: list[str] = []
+        video: dict[str, Any] = {"content_type": MP4_CONTENT_TYPE}
+        if request.output is OutputKind.INLINE:
+            video["base64"] = base64.b64encode(mp4).decode("ascii")
+        timings["total_s"] = time.perf_counter() - started
+        return {
+            "request_id": request_id,
+            "video": video,
+            "width": request.width,
+            "height": request.height,
+            "num_frames": request.num_frames,
+            "fps": request.fps,
+            "duration_s": round(request.duration_s, 4),
+            "seed": request.seed,
+            "variant": self.spec.name,
+            "timings": {name: round(value, 4) for name, value in timings.items()},
+            "warnings": warnings,
+            "_mp4": mp4,
+        }

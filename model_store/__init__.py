@@ -1,0 +1,1 @@
+"""Building what TorchServe loads: tiny offline checkpoints and model archives."""

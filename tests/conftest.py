@@ -1,0 +1,150 @@
+"""Shared fixtures: tiny real checkpoints, in-process services, and real TorchServe servers."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import socket
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from model_store.tiny_model import LAYOUTS, build_tiny_checkpoint
+from scripts.serve import REPO_ROOT, ServerLayout, read_key, start, stop
+
+# Small enough that a whole generation takes a fraction of a second on a CI core. Not smaller:
+# at 64x64 libx264 encodes the same frames differently from run to run (seen with PyAV 18).
+SMALL = {"width": 128, "height": 128, "num_frames": 9, "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("weights")
+    return {layout: build_tiny_checkpoint(layout, root / f"tiny-{layout}") for layout in LAYOUTS}
+
+
+@pytest.fixture(scope="session")
+def services(tiny_checkpoints):
+    """One in-process WanService per tiny layout, with small request defaults."""
+    from handler.service import WanService
+
+    return {
+        layout: WanService.from_model_config(
+            {"maxWorkers": 1, "handler": {"model_path": str(path), "defaults": dict(SMALL)}},
+            path.parent,
+        )
+        for layout, path in tiny_checkpoints.items()
+    }
+
+
+def png_base64(width: int = 96, height: int = 64, color=(200, 30, 30), data_url: bool = False) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, "PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f"data:image/png;base64,{encoded}" if data_url else encoded
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class Server:
+    """A real TorchServe process on free 127.0.0.1 ports, with the repo's configuration."""
+
+    def __init__(self, layout: ServerLayout):
+        self.layout = layout
+        self.startup_s = 0.0
+
+    @property
+    def predictions_url(self) -> str:
+        return f"{self.layout.inference_url}/predictions/{self.layout.model_name}"
+
+    def key(self, kind: str = "inference") -> str:
+        return read_key(self.layout.key_file, kind)
+
+    def headers(self, kind: str = "inference") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key(kind)}"}
+
+    def predict(self, body, **kwargs) -> requests.Response:
+        kwargs.setdefault("timeout", 120)
+        if isinstance(body, (bytes, str)):
+            return requests.post(self.predictions_url, data=body, timeout=kwargs.pop("timeout"),
+                                 headers={**self.headers(), "Content-Type": "application/json"}, **kwargs)
+        return requests.post(self.predictions_url, json=body, headers=self.headers(), **kwargs)
+
+    def describe(self) -> dict:
+        response = requests.get(f"{self.layout.management_url}/models/{self.layout.model_name}",
+                                headers=self.headers("management"), timeout=10)
+        response.raise_for_status()
+        return response.json()[0]
+
+    def worker_pids(self) -> list[int]:
+        return sorted(int(w["pid"]) for w in self.describe()["workers"] if w.get("pid") is not None)
+
+
+def start_server(root: Path, weights_dir: Path, extra_properties: str = "", extra_env: dict | None = None) -> Server:
+    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+    properties = (REPO_ROOT / "config" / "config.properties").read_text()
+    # Same settings as make serve, on free ports so tests never collide with a running server.
+    properties = re.sub(r"127\.0\.0\.1:8080", f"127.0.0.1:{inference}", properties)
+    properties = re.sub(r"127\.0\.0\.1:8081", f"127.0.0.1:{management}", properties)
+    properties = re.sub(r"127\.0\.0\.1:8082", f"127.0.0.1:{metrics}", properties)
+    properties += f"\ngrpc_inference_port={grpc_inference}\ngrpc_management_port={grpc_management}\n"
+    properties += extra_properties
+    root.mkdir(parents=True, exist_ok=True)
+    ts_config = root / "config.properties"
+    ts_config.write_text(properties)
+    layout = ServerLayout(
+        run_dir=root / "run",
+        model_store=root / "model_store",
+        weights_dir=weights_dir,
+        ts_config=ts_config,
+        inference_url=f"http://127.0.0.1:{inference}",
+        management_url=f"http://127.0.0.1:{management}",
+        metrics_url=f"http://127.0.0.1:{metrics}",
+    )
+    server = Server(layout)
+    server.startup_s = start(layout, timeout_s=240, extra_env=extra_env)
+    return server
+
+
+@pytest.fixture(scope="session")
+def server_weights(tiny_checkpoints) -> Path:
+    # ServerLayout expects <weights_dir>/tiny-ti2v-5b: the session's tiny checkpoints are there.
+    return tiny_checkpoints["ti2v-5b"].parent
+
+
+@pytest.fixture(scope="session")
+def torchserve(tmp_path_factory, server_weights):
+    server = start_server(tmp_path_factory.mktemp("torchserve"), server_weights)
+    yield server
+    stop(server.layout)
+
+
+@pytest.fixture(scope="session")
+def torchserve_kserve(tmp_path_factory, server_weights):
+    """A server with the KServe v1 envelope, switched on as KServe does: TS_SERVICE_ENVELOPE."""
+    server = start_server(
+        tmp_path_factory.mktemp("torchserve-kserve"), server_weights,
+        extra_properties="enable_envvars_config=true\n", extra_env={"TS_SERVICE_ENVELOPE": "kserve"},
+    )
+    yield server
+    stop(server.layout)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline():
+    os.environ["HF_HUB_OFFLINE"] = "1"

@@ -1,0 +1,367 @@
+"""load_handler_config (handler/config.py) and the repo's real model-config.yaml files."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from handler.config import HandlerConfig, RequestLimits, VideoEncoding, load_handler_config
+from handler.errors import ConfigError
+from handler.request import parse_request
+from handler.variants import I2V_A14B, T2V_A14B, TI2V_5B, VARIANTS, GenerationDefaults
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_CONFIGS = sorted((REPO_ROOT / "config" / "models").glob("*.yaml"))
+# Which variant each model-config.yaml serves (the tiny default model has the TI2V-5B layout).
+CONFIG_VARIANTS = {"t2v-a14b": T2V_A14B, "i2v-a14b": I2V_A14B, "ti2v-5b": TI2V_5B, "tiny-ti2v": TI2V_5B}
+
+
+@pytest.fixture(autouse=True)
+def _no_model_path_env(monkeypatch):
+    # A WAN_MODEL_PATH in the developer's shell must not leak into these tests.
+    monkeypatch.delenv("WAN_MODEL_PATH", raising=False)
+
+
+def load(handler_section, model_dir) -> HandlerConfig:
+    return load_handler_config({"minWorkers": 1, "handler": handler_section}, model_dir)
+
+
+def config_error(model_yaml, model_dir, *words) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_handler_config(model_yaml, model_dir)
+    error = info.value
+    assert type(error) is ConfigError
+    assert error.http_status == 500 and error.error_type == "config_error"
+    for word in words:
+        assert word in error.message, error.message
+    return error
+
+
+# --- model_path ---------------------------------------------------------------------------------
+
+def test_minimal_config(tmp_path):
+    weights = tmp_path / "weights"
+    config = load({"model_path": str(weights)}, tmp_path / "model")
+    assert config == HandlerConfig(model_path=weights.resolve())
+    assert config.model_path == weights.resolve()
+    assert dict(config.default_overrides) == {}
+    assert config.limits == RequestLimits()
+    assert config.video == VideoEncoding()
+    assert config.cpu_threads is None
+
+
+def test_relative_model_path_is_relative_to_the_model_dir(tmp_path):
+    model_dir = tmp_path / "store" / "wan"
+    model_dir.mkdir(parents=True)
+    config = load({"model_path": "../../weights/tiny"}, model_dir)
+    assert config.model_path == tmp_path.resolve() / "weights" / "tiny"
+    config = load({"model_path": "weights"}, str(model_dir))
+    assert config.model_path == model_dir.resolve() / "weights"
+
+
+def test_relative_model_path_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load({"model_path": "w"}, model_dir).model_path == model_dir.resolve() / "w"
+
+
+def test_relative_model_path_resolves_against_the_symlinks_target(tmp_path):
+    # TorchServe hands a symlinked temp folder for no-archive models.
+    real_model_dir = tmp_path / "repo" / "model_store" / "wan"
+    real_model_dir.mkdir(parents=True)
+    link = tmp_path / "ts-temp" / "models" / "abc123"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(real_model_dir, target_is_directory=True)
+    config = load({"model_path": "../../weights/tiny-ti2v-5b"}, link)
+    assert config.model_path == (tmp_path / "repo" / "weights" / "tiny-ti2v-5b").resolve()
+    assert not str(config.model_path).startswith(str(tmp_path / "ts-temp"))
+    # Not where the link's own folder would put it.
+    assert config.model_path != (tmp_path / "weights" / "tiny-ti2v-5b").resolve()
+
+
+def test_absolute_model_path_is_kept(tmp_path):
+    weights = tmp_path / "abs" / "weights"
+    assert load({"model_path": str(weights)}, tmp_path / "model").model_path == weights.resolve()
+    assert load({"model_path": str(weights) + "/"}, "/nonexistent/model").model_path == weights.resolve()
+
+
+def test_absolute_model_path_through_a_symlink_is_resolved(tmp_path):
+    real = tmp_path / "real-weights"
+    real.mkdir()
+    (tmp_path / "link-weights").symlink_to(real, target_is_directory=True)
+    assert load({"model_path": str(tmp_path / "link-weights")}, tmp_path).model_path == real.resolve()
+
+
+def test_wan_model_path_env_overrides_the_yaml(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAN_MODEL_PATH", str(tmp_path / "from-env"))
+    config = load({"model_path": str(tmp_path / "from-yaml")}, tmp_path / "model")
+    assert config.model_path == (tmp_path / "from-env").resolve()
+
+
+def test_wan_model_path_env_without_a_yaml_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAN_MODEL_PATH", "/mnt/models/weights")
+    assert load({}, tmp_path).model_path == Path("/mnt/models/weights").resolve()
+    assert load_handler_config(None, tmp_path).model_path == Path("/mnt/models/weights").resolve()
+
+
+def test_relative_wan_model_path_env_is_relative_to_the_model_dir(tmp_path, monkeypatch):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    monkeypatch.setenv("WAN_MODEL_PATH", "../env-weights")
+    assert load({"model_path": "/x"}, model_dir).model_path == (tmp_path / "env-weights").resolve()
+
+
+def test_empty_wan_model_path_env_falls_back_to_the_yaml(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAN_MODEL_PATH", "")
+    assert load({"model_path": str(tmp_path / "y")}, tmp_path).model_path == (tmp_path / "y").resolve()
+
+
+@pytest.mark.parametrize(
+    "model_yaml",
+    [
+        pytest.param(None, id="no-yaml"),
+        pytest.param({}, id="empty-yaml"),
+        pytest.param({"minWorkers": 1}, id="no-handler-section"),
+        pytest.param({"handler": None}, id="null-handler"),
+        pytest.param({"handler": {}}, id="empty-handler"),
+        pytest.param({"handler": {"model_path": None}}, id="null-path"),
+        pytest.param({"handler": {"model_path": ""}}, id="empty-path"),
+        pytest.param({"handler": {"model_path": 5}}, id="int-path"),
+        pytest.param({"handler": {"model_path": ["/a"]}}, id="list-path"),
+        pytest.param({"handler": {"defaults": {"width": 256}}}, id="defaults-only"),
+    ],
+)
+def test_missing_model_path(model_yaml, tmp_path):
+    config_error(model_yaml, tmp_path, "handler.model_path is required")
+
+
+@pytest.mark.parametrize("section", [["model_path", "/w"], "model_path: /w", 5, True])
+def test_handler_section_must_be_a_mapping(section, tmp_path):
+    config_error({"handler": section}, tmp_path, "handler", "mapping")
+
+
+# --- unknown keys -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["modelpath", "model_dir", "default", "limit", "Limits", "responseTimeout", "threads"])
+def test_unknown_handler_key(key, tmp_path):
+    error = config_error({"handler": {"model_path": "/w", key: 1}}, tmp_path, f"handler.{key}", "known")
+    for known in ("model_path", "defaults", "limits", "video", "cpu_threads"):
+        assert known in error.message
+
+
+@pytest.mark.parametrize(
+    "section, key, known",
+    [
+        ("defaults", "seed", "num_inference_steps"),
+        ("defaults", "steps", "num_inference_steps"),
+        ("defaults", "boundary_ratio", "flow_shift"),
+        ("defaults", "Width", "width"),
+        ("limits", "max_width", "max_side_px"),
+        ("limits", "max_frames", "max_num_frames"),
+        ("video", "bitrate", "crf"),
+        ("video", "codec", "preset"),
+    ],
+)
+def test_unknown_key_in_a_section(section, key, known, tmp_path):
+    config_error({"handler": {"model_path": "/w", section: {key: 1}}}, tmp_path, f"handler.{section}.{key}", "known",
+                 known)
+
+
+@pytest.mark.parametrize("section", ["defaults", "limits", "video"])
+@pytest.mark.parametrize("value", [[1, 2], "width: 256", 7])
+def test_sections_must_be_mappings(section, value, tmp_path):
+    config_error({"handler": {"model_path": "/w", section: value}}, tmp_path, f"handler.{section}", "mapping")
+
+
+@pytest.mark.parametrize("section", ["defaults", "limits", "video"])
+def test_empty_sections_mean_no_change(section, tmp_path):
+    for value in (None, {}):
+        config = load({"model_path": "/w", section: value}, tmp_path)
+        assert config == HandlerConfig(model_path=Path("/w").resolve())
+
+
+# --- types --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "section, key, value, expected_type",
+    [
+        ("defaults", "width", "256", "int"),
+        ("defaults", "width", True, "int"),
+        ("defaults", "height", 256.0, "int"),
+        ("defaults", "num_frames", [33], "int"),
+        ("defaults", "fps", None, "int"),
+        ("defaults", "num_inference_steps", False, "int"),
+        ("defaults", "guidance_scale", "5.0", "float"),
+        ("defaults", "guidance_scale", True, "float"),
+        ("defaults", "guidance_scale_2", "3", "float"),
+        ("defaults", "flow_shift", [5.0], "float"),
+        ("defaults", "negative_prompt", 5, "str"),
+        ("defaults", "negative_prompt", ["blurry"], "str"),
+        ("limits", "max_side_px", "640", "int"),
+        ("limits", "max_side_px", True, "int"),
+        ("limits", "max_pixels", 262144.0, "int"),
+        ("limits", "max_num_frames", None, "int"),
+        ("limits", "max_guidance_scale", "20", "float"),
+        ("limits", "max_guidance_scale", False, "float"),
+        ("limits", "max_body_bytes", "24MB", "int"),
+        ("video", "crf", "18", "int"),
+        ("video", "crf", True, "int"),
+        ("video", "crf", 18.5, "int"),
+        ("video", "preset", 5, "str"),
+        ("video", "preset", None, "str"),
+    ],
+)
+def test_wrong_types(section, key, value, expected_type, tmp_path):
+    config_error({"handler": {"model_path": "/w", section: {key: value}}}, tmp_path,
+                 f"handler.{section}.{key} must be {expected_type}", repr(value))
+
+
+@pytest.mark.parametrize("value", ["4", True, False, 2.0, [2]])
+def test_cpu_threads_wrong_type(value, tmp_path):
+    config_error({"handler": {"model_path": "/w", "cpu_threads": value}}, tmp_path, "handler.cpu_threads must be int")
+
+
+@pytest.mark.parametrize("value", [0, -1, -64])
+def test_cpu_threads_at_least_one(value, tmp_path):
+    config_error({"handler": {"model_path": "/w", "cpu_threads": value}}, tmp_path, "handler.cpu_threads", "at least 1")
+
+
+@pytest.mark.parametrize("value", [1, 2, 64])
+def test_cpu_threads_accepted(value, tmp_path):
+    assert load({"model_path": "/w", "cpu_threads": value}, tmp_path).cpu_threads == value
+    assert load({"model_path": "/w", "cpu_threads": None}, tmp_path).cpu_threads is None
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("defaults", "guidance_scale", 5),
+        ("defaults", "guidance_scale_2", 2),
+        ("defaults", "flow_shift", 3),
+        ("limits", "max_guidance_scale", 25),
+    ],
+)
+def test_int_is_accepted_for_float(section, key, value, tmp_path):
+    config = load({"model_path": "/w", section: {key: value}}, tmp_path)
+    got = config.default_overrides[key] if section == "defaults" else getattr(config.limits, key)
+    assert got == float(value) and type(got) is float
+
+
+def test_full_config(tmp_path):
+    config = load(
+        {
+            "model_path": "/w",
+            "defaults": {"width": 256, "height": 256, "num_frames": 33, "num_inference_steps": 4,
+                         "guidance_scale": 4.5, "negative_prompt": "blurry"},
+            "limits": {"max_side_px": 640, "max_pixels": 262144, "max_num_frames": 65, "max_fps": 30,
+                       "max_inference_steps": 20, "max_guidance_scale": 10.0, "max_prompt_chars": 500,
+                       "max_image_bytes": 1000000, "max_image_pixels": 4000000, "max_body_bytes": 2000000},
+            "video": {"crf": 23, "preset": "medium"},
+            "cpu_threads": 3,
+        },
+        tmp_path,
+    )
+    assert dict(config.default_overrides) == {"width": 256, "height": 256, "num_frames": 33, "num_inference_steps": 4,
+                                              "guidance_scale": 4.5, "negative_prompt": "blurry"}
+    assert config.limits == RequestLimits(max_side_px=640, max_pixels=262144, max_num_frames=65, max_fps=30,
+                                          max_inference_steps=20, max_guidance_scale=10.0, max_prompt_chars=500,
+                                          max_image_bytes=1000000, max_image_pixels=4000000, max_body_bytes=2000000)
+    assert config.video == VideoEncoding(crf=23, preset="medium")
+    assert config.cpu_threads == 3
+
+
+def test_partial_limits_keep_the_other_defaults(tmp_path):
+    limits = load({"model_path": "/w", "limits": {"max_side_px": 640}}, tmp_path).limits
+    assert limits == dataclasses.replace(RequestLimits(), max_side_px=640)
+
+
+# --- defaults_for ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", [T2V_A14B, I2V_A14B, TI2V_5B], ids=lambda s: s.name)
+def test_defaults_for_applies_overrides(spec, tmp_path):
+    config = load({"model_path": "/w", "defaults": {"width": 256, "height": 256, "num_frames": 33,
+                                                     "guidance_scale": 2, "negative_prompt": "blurry"}}, tmp_path)
+    defaults = config.defaults_for(spec.defaults)
+    assert isinstance(defaults, GenerationDefaults)
+    assert defaults == dataclasses.replace(spec.defaults, width=256, height=256, num_frames=33, guidance_scale=2.0,
+                                           negative_prompt="blurry")
+    # Everything not overridden is the variant's own.
+    assert defaults.fps == spec.defaults.fps
+    assert defaults.num_inference_steps == spec.defaults.num_inference_steps
+    assert defaults.guidance_scale_2 == spec.defaults.guidance_scale_2
+    assert defaults.flow_shift == spec.defaults.flow_shift
+    # The variant table itself is untouched.
+    assert spec is VARIANTS[spec.name] and spec.defaults.width == 1280
+
+
+def test_defaults_for_without_overrides_is_the_variant_defaults(tmp_path):
+    config = load({"model_path": "/w"}, tmp_path)
+    for spec in VARIANTS.values():
+        assert config.defaults_for(spec.defaults) == spec.defaults
+
+
+def test_defaults_for_flow_shift_and_guidance_2(tmp_path):
+    config = load({"model_path": "/w", "defaults": {"flow_shift": 8, "guidance_scale_2": 2.5}}, tmp_path)
+    defaults = config.defaults_for(T2V_A14B.defaults)
+    assert (defaults.flow_shift, defaults.guidance_scale_2, defaults.guidance_scale) == (8.0, 2.5, 4.0)
+
+
+# --- the repo's real model-config.yaml files -----------------------------------------------------
+
+def test_the_expected_model_configs_exist():
+    assert {path.stem for path in MODEL_CONFIGS} >= set(CONFIG_VARIANTS)
+
+
+def _png_b64(width: int, height: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 90, 90)).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.name)
+def test_real_model_config_is_accepted(path, tmp_path):
+    model_yaml = yaml.safe_load(path.read_text())
+    assert isinstance(model_yaml, dict)
+    for key in ("responseTimeout", "startupTimeout"):
+        value = model_yaml.get(key)
+        assert type(value) is int and value > 0, f"{path.name}: {key} = {value!r}"
+    model_dir = tmp_path / "model_store" / path.stem
+    model_dir.mkdir(parents=True)
+    config = load_handler_config(model_yaml, model_dir)
+    raw_path = Path(model_yaml["handler"]["model_path"])
+    expected = raw_path if raw_path.is_absolute() else model_dir / raw_path
+    assert config.model_path == expected.resolve()
+
+    # The effective defaults must themselves pass the request rules of the variant served.
+    spec = CONFIG_VARIANTS[path.stem]
+    defaults = config.defaults_for(spec.defaults)
+    body = {"prompt": "a boat", "seed": 1}
+    if spec is I2V_A14B:
+        body["image"] = _png_b64(defaults.width, defaults.height)
+    request = parse_request(body, spec, defaults, config.limits, storage_configured=False)
+    assert (request.width, request.height) == (defaults.width, defaults.height)
+    assert request.num_frames == defaults.num_frames
+    assert request.num_inference_steps == defaults.num_inference_steps
+    assert request.fps == defaults.fps
+
+
+def test_tiny_model_config_values(tmp_path):
+    model_yaml = yaml.safe_load((REPO_ROOT / "config" / "models" / "tiny-ti2v.yaml").read_text())
+    model_dir = tmp_path / "model_store" / "wan"
+    model_dir.mkdir(parents=True)
+    config = load_handler_config(model_yaml, model_dir)
+    assert config.model_path == (tmp_path / "weights" / "tiny-ti2v-5b").resolve()
+    defaults = config.defaults_for(TI2V_5B.defaults)
+    assert (defaults.width, defaults.height, defaults.num_frames, defaults.num_inference_steps) == (256, 256, 33, 4)
+    assert config.limits.max_side_px == 640 and config.limits.max_pixels == 262144
+    assert os.path.isabs(config.model_path)

@@ -100,7 +100,7 @@ class WanVideoPipeline:
         pipeline_class = WanImageToVideoPipeline if spec.pipeline_class == "WanImageToVideoPipeline" else WanPipeline
         try:
             pipe = pipeline_class.from_pretrained(
-                str(model_path), torch_dtype={"vae": torch.float32, "default": dtype}, local_files_only=True
+                str(model_path), dtype={"vae": torch.float32, "default": dtype}, local_files_only=True
             )
         except (OSError, ValueError, KeyError) as e:
             raise ModelLoadError(f"cannot load {spec.name} checkpoint from {model_path}: {e}") from e

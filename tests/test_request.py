@@ -240,8 +240,8 @@ def test_guidance_off_without_guidance_scale_2_is_accepted(spec):
         pytest.param({"prompt": True}, "must be a string", id="bool"),
         pytest.param({"prompt": ["a cat"]}, "must be a string", id="list"),
         pytest.param({"prompt": {"text": "a cat"}}, "must be a string", id="object"),
-        pytest.param({"prompt": "p" * (LIMITS.max_prompt_chars + 1)}, [f"{LIMITS.max_prompt_chars + 1} characters", "limit"],
-                     id="too-long"),
+        pytest.param({"prompt": "p" * (LIMITS.max_prompt_chars + 1)},
+                     [f"{LIMITS.max_prompt_chars + 1} characters", "limit"], id="too-long"),
         pytest.param({"prompt": "a cat\x00 on a mat"}, "NUL", id="nul"),
         pytest.param({"prompt": "\x00"}, "NUL", id="only-nul"),
     ],
@@ -430,7 +430,10 @@ def test_size_bounds(spec, width, height, field, words):
 
 @pytest.mark.parametrize(
     "spec, width, height",
-    [(T2V_A14B, 1280, 1280), (T2V_A14B, 1280, 736), (T2V_A14B, 1008, 1008), (TI2V_5B, 1280, 1024), (I2V_A14B, 1280, 768)],
+    [
+        (T2V_A14B, 1280, 1280), (T2V_A14B, 1280, 736), (T2V_A14B, 1008, 1008),
+        (TI2V_5B, 1280, 1024), (I2V_A14B, 1280, 768),
+    ],
     ids=spec_id,
 )
 def test_pixel_area_over_the_limit_is_rejected(spec, width, height):
@@ -442,7 +445,8 @@ def test_pixel_area_over_the_limit_is_rejected(spec, width, height):
 def test_size_limits_follow_the_limits():
     limits = dataclasses.replace(LIMITS, max_side_px=640, max_pixels=256 * 256)
     assert parse({"prompt": "x", "width": 256, "height": 256}, TI2V_5B, limits=limits).width == 256
-    reject({"prompt": "x", "width": 672, "height": 32}, TI2V_5B, field="width", words="between 32 and 640", limits=limits)
+    reject({"prompt": "x", "width": 672, "height": 32}, TI2V_5B, field="width", words="between 32 and 640",
+           limits=limits)
     reject({"prompt": "x", "width": 288, "height": 256}, TI2V_5B, field="width", words="pixels", limits=limits)
 
 
@@ -600,7 +604,9 @@ def test_stream_must_be_bool(value):
     reject({"prompt": "x", "stream": value}, field="stream", words="true or false")
 
 
-@pytest.mark.parametrize("storage, output", [(False, None), (False, "inline"), (True, None), (True, "url"), (True, "inline")])
+@pytest.mark.parametrize(
+    "storage, output", [(False, None), (False, "inline"), (True, None), (True, "url"), (True, "inline")]
+)
 def test_stream_with_json_outputs(storage, output):
     body = {"prompt": "x", "stream": True}
     if output:
@@ -612,7 +618,8 @@ def test_stream_with_json_outputs(storage, output):
 
 @pytest.mark.parametrize("storage", [False, True])
 def test_stream_with_mp4_is_rejected(storage):
-    reject({"prompt": "x", "stream": True, "output": "mp4"}, field="output", words=["stream", "inline"], storage=storage)
+    reject({"prompt": "x", "stream": True, "output": "mp4"}, field="output", words=["stream", "inline"],
+           storage=storage)
     assert parse({"prompt": "x", "stream": False, "output": "mp4"}, storage=storage).output is OutputKind.MP4
 
 

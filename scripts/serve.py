@@ -35,6 +35,8 @@ class ServerLayout:
     ts_config: Path = REPO_ROOT / "config" / "config.properties"
     model_config: Path = REPO_ROOT / "config" / "models" / "tiny-ti2v.yaml"
     model_name: str = "wan"
+    # Weights to serve; None means the built-in tiny checkpoint (built on first start).
+    model_path: Path | None = None
     inference_url: str = "http://127.0.0.1:8080"
     management_url: str = "http://127.0.0.1:8081"
     metrics_url: str = "http://127.0.0.1:8082"
@@ -84,6 +86,12 @@ def read_key(key_file: Path, kind: str = "inference") -> str:
 
 def ensure_model(layout: ServerLayout) -> Path:
     """Build the tiny checkpoint and the ``wan`` archive if missing or stale."""
+    archive = layout.model_store / layout.model_name
+    if layout.model_path is not None:
+        # Real weights: always rebuild the (weightless, second-long) archive so it points at them.
+        print(f"building the '{layout.model_name}' archive for {layout.model_path} ...", flush=True)
+        return build_archive(layout.model_name, layout.model_config, layout.model_store,
+                             str(Path(layout.model_path).resolve()))
     # Imported here: diffusers takes seconds to import and start/stop/status rarely need it.
     from model_store.tiny_model import build_tiny_checkpoint, is_built
 
@@ -91,12 +99,11 @@ def ensure_model(layout: ServerLayout) -> Path:
         print(f"building the tiny TI2V-5B checkpoint in {layout.tiny_weights} ...", flush=True)
         build_tiny_checkpoint("ti2v-5b", layout.tiny_weights)
     if not is_current(layout.model_store, layout.model_name, layout.model_config):
-        archive = layout.model_store / layout.model_name
         # Relative, so the repo can move: resolved against the archive's folder at load time.
         model_path = os.path.relpath(layout.tiny_weights, archive)
         print(f"building the '{layout.model_name}' archive in {archive} ...", flush=True)
         build_archive(layout.model_name, layout.model_config, layout.model_store, model_path)
-    return layout.model_store / layout.model_name
+    return archive
 
 
 def _server_env(layout: ServerLayout, java_home: str) -> dict[str, str]:
@@ -209,8 +216,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("start", "stop", "status", "build", "java-home"))
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for ready")
+    parser.add_argument("--model-path", type=Path,
+                        help="serve this diffusers checkpoint folder instead of the tiny model")
+    parser.add_argument("--model-config", type=Path, default=ServerLayout.model_config,
+                        help="model-config.yaml template (config/models/*.yaml) for --model-path")
     args = parser.parse_args(argv)
-    layout = ServerLayout()
+    if args.model_path is not None and args.model_config == ServerLayout.model_config:
+        parser.error("--model-path needs --model-config (e.g. config/models/ti2v-5b.yaml)")
+    layout = ServerLayout(model_path=args.model_path, model_config=args.model_config)
     if args.action == "start":
         start(layout, args.timeout)
     elif args.action == "stop":

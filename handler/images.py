@@ -13,6 +13,7 @@ import binascii
 import io
 import re
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from handler.errors import InvalidRequest, PayloadTooLarge
@@ -72,6 +73,9 @@ def decode_image(value: object, *, max_bytes: int, max_pixels: int, field: str =
         raise InvalidRequest(f"{field} is not a PNG, JPEG or WebP image (unrecognised file signature)", field)
     try:
         image = Image.open(io.BytesIO(raw), formats=[sniffed])
+    except Image.DecompressionBombError:
+        # PIL refuses headers over 2x its own MAX_IMAGE_PIXELS before decoding anything.
+        raise InvalidRequest(f"{field} is larger than the {max_pixels} pixel limit", field) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InvalidRequest(f"{field} is not a readable {sniffed} image", field) from None
     # Image.open only read the header: the size is known before any pixel is decoded.
@@ -84,6 +88,9 @@ def decode_image(value: object, *, max_bytes: int, max_pixels: int, field: str =
         raise InvalidRequest(f"{field} is {width}x{height}; each side must be at least {MIN_IMAGE_SIDE_PX} px", field)
     try:
         image.load()
+        if image.mode.startswith("I"):
+            # 16-bit greyscale: PIL's convert() clips to 0..255 instead of scaling.
+            image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8), "L")
         return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         raise InvalidRequest(f"{field} is a truncated or corrupt {sniffed} image", field) from None

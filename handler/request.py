@@ -95,6 +95,8 @@ def decode_body(body: Any, limits: RequestLimits) -> dict[str, Any]:
             body = json.loads(body)
         except ValueError as e:
             raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise InvalidRequest("request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidRequest(f"request body must be a JSON object, got {type(body).__name__}")
     return body
@@ -114,6 +116,9 @@ def _number(body: Mapping[str, Any], name: str, default: float, high: float) -> 
     value = body.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRequest(f"{name} must be a number, got {json.dumps(value)[:40]}", name)
+    if isinstance(value, int) and not -high <= value <= high:
+        # Checked as an int: a huge JSON integer does not even convert to a float.
+        raise InvalidRequest(f"{name} must be between 0 and {high}, got {str(value)[:40]}", name)
     if not math.isfinite(value):
         raise InvalidRequest(f"{name} must be a finite number, got {value}", name)
     if not 0 <= value <= high:
@@ -134,17 +139,19 @@ def _text(body: Mapping[str, Any], name: str, default: str | None, max_chars: in
     return value
 
 
-def _size_for_image(image: Image.Image, defaults: GenerationDefaults, multiple: int) -> tuple[int, int]:
+def _size_for_image(image: Image.Image, defaults: GenerationDefaults, multiple: int,
+                    max_side_px: int) -> tuple[int, int]:
     """Default size for an image request: the default pixel area with the image's aspect.
 
-    This is how the official generate.py sizes image-to-video (``max_area``); the result is
-    floored to the variant's multiple, so it never exceeds the default area.
+    This is how the official generate.py sizes image-to-video (``max_area``). For very wide or
+    tall images the area is shrunk until the long side fits ``max_side_px``. The result is
+    floored to the variant's multiple, so it never exceeds the area or the side limit.
     """
-    area = defaults.width * defaults.height
     aspect = image.height / image.width
+    area = min(defaults.width * defaults.height, max_side_px**2 * min(aspect, 1 / aspect))
     height = max(multiple, int(round(math.sqrt(area * aspect))) // multiple * multiple)
     width = max(multiple, int(round(math.sqrt(area / aspect))) // multiple * multiple)
-    return width, height
+    return min(width, max_side_px // multiple * multiple), min(height, max_side_px // multiple * multiple)
 
 
 def _check_size(name: str, value: int, spec: VariantSpec) -> None:
@@ -174,7 +181,12 @@ def parse_request(
     body = {name: value for name, value in body.items() if value is not None}
 
     prompt = _text(body, "prompt", None, limits.max_prompt_chars, required=True)
-    negative_prompt = _text(body, "negative_prompt", defaults.negative_prompt, limits.max_prompt_chars, required=False)
+    # The limit is on what clients send; the server's own default (the official one) is exempt.
+    negative_prompt = (
+        _text(body, "negative_prompt", None, limits.max_prompt_chars, required=False)
+        if "negative_prompt" in body
+        else defaults.negative_prompt
+    )
 
     image = None
     if "image" in body:
@@ -194,7 +206,7 @@ def parse_request(
         _check_size("width", width, spec)
         _check_size("height", height, spec)
     elif image is not None:
-        width, height = _size_for_image(image, defaults, spec.size_multiple)
+        width, height = _size_for_image(image, defaults, spec.size_multiple, limits.max_side_px)
     else:
         width, height = defaults.width, defaults.height
     if width * height > limits.max_pixels:
@@ -212,17 +224,20 @@ def parse_request(
     steps = _int(body, "num_inference_steps", defaults.num_inference_steps, 1, limits.max_inference_steps)
     guidance_scale = _number(body, "guidance_scale", defaults.guidance_scale, limits.max_guidance_scale)
     if spec.two_experts:
-        guidance_scale_2 = _number(
-            body, "guidance_scale_2", defaults.guidance_scale_2 if defaults.guidance_scale_2 is not None else guidance_scale,
-            limits.max_guidance_scale,
-        )
-        if guidance_scale <= 1.0 < guidance_scale_2:
-            # diffusers switches classifier-free guidance on or off for both experts together,
-            # from guidance_scale alone; guidance_scale_2 would be ignored without a word.
-            raise InvalidRequest(
-                "guidance_scale_2 > 1 needs guidance_scale > 1 (guidance is on or off for both experts)",
-                "guidance_scale_2",
-            )
+        if "guidance_scale_2" in body:
+            guidance_scale_2 = _number(body, "guidance_scale_2", 0.0, limits.max_guidance_scale)
+            if guidance_scale <= 1.0 < guidance_scale_2:
+                # diffusers switches classifier-free guidance on or off for both experts
+                # together, from guidance_scale alone: guidance_scale_2 would be ignored.
+                raise InvalidRequest(
+                    "guidance_scale_2 > 1 needs guidance_scale > 1 (guidance is on or off for both experts)",
+                    "guidance_scale_2",
+                )
+        elif guidance_scale <= 1.0:
+            # Guidance off for the high-noise expert turns it off for both; report what runs.
+            guidance_scale_2 = guidance_scale
+        else:
+            guidance_scale_2 = defaults.guidance_scale_2 if defaults.guidance_scale_2 is not None else guidance_scale
     elif "guidance_scale_2" in body:
         raise InvalidRequest(f"guidance_scale_2 applies only to two-expert variants, not {spec.name}", "guidance_scale_2")
     else:

@@ -117,11 +117,14 @@ VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (T2V_A14B, I2V_A14B, TI2V
 def _read_json(path: Path) -> dict:
     try:
         with path.open(encoding="utf-8") as f:
-            return json.load(f)
+            content = json.load(f)
     except FileNotFoundError:
         raise ModelLoadError(f"checkpoint file missing: {path}") from None
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read {path}: {e}") from e
+    if not isinstance(content, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, not {type(content).__name__}")
+    return content
 
 
 def _component_present(model_index: dict, name: str) -> bool:

@@ -12,22 +12,22 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 # Offline always: set before diffusers/transformers are imported, whoever imports us first.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from diffusers import WanImageToVideoPipeline, WanPipeline  # noqa: E402
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # noqa: E402
+import numpy as np
+import torch
+from diffusers import WanImageToVideoPipeline, WanPipeline
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-from handler.errors import InvalidRequest, ModelLoadError  # noqa: E402
-from handler.request import GenerationRequest  # noqa: E402
-from handler.variants import GenerationDefaults, VariantSpec, detect_variant  # noqa: E402
+from handler.errors import InvalidRequest, ModelLoadError
+from handler.request import GenerationRequest
+from handler.variants import GenerationDefaults, VariantSpec, detect_variant
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class WanVideoPipeline:
 
     @classmethod
     def load(cls, model_path: str | Path, defaults_for: Callable[[GenerationDefaults], GenerationDefaults],
-             device: torch.device) -> "WanVideoPipeline":
+             device: torch.device) -> WanVideoPipeline:
         """Load a checkpoint folder: bf16 on GPU, fp32 on CPU; the VAE in fp32 for quality."""
         spec = detect_variant(model_path)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -151,19 +151,19 @@ class WanVideoPipeline:
                 on_step(step_index + 1, req.num_inference_steps, time.perf_counter() - mark)
             return {}
 
-        kwargs = dict(
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_embeds,
-            height=req.height,
-            width=req.width,
-            num_frames=req.num_frames,
-            num_inference_steps=req.num_inference_steps,
-            guidance_scale=req.guidance_scale,
-            generator=generator,
-            output_type="latent",
-            return_dict=False,
-            callback_on_step_end=step_end,
-        )
+        kwargs = {
+            "prompt_embeds": prompt_embeds,
+            "negative_prompt_embeds": negative_embeds,
+            "height": req.height,
+            "width": req.width,
+            "num_frames": req.num_frames,
+            "num_inference_steps": req.num_inference_steps,
+            "guidance_scale": req.guidance_scale,
+            "generator": generator,
+            "output_type": "latent",
+            "return_dict": False,
+            "callback_on_step_end": step_end,
+        }
         if self.spec.two_experts:
             kwargs["guidance_scale_2"] = req.guidance_scale_2
         if req.image is not None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any
 
 from PIL import Image
 
@@ -149,8 +150,8 @@ def _size_for_image(image: Image.Image, defaults: GenerationDefaults, multiple: 
     """
     aspect = image.height / image.width
     area = min(defaults.width * defaults.height, max_side_px**2 * min(aspect, 1 / aspect))
-    height = max(multiple, int(round(math.sqrt(area * aspect))) // multiple * multiple)
-    width = max(multiple, int(round(math.sqrt(area / aspect))) // multiple * multiple)
+    height = max(multiple, round(math.sqrt(area * aspect)) // multiple * multiple)
+    width = max(multiple, round(math.sqrt(area / aspect)) // multiple * multiple)
     return min(width, max_side_px // multiple * multiple), min(height, max_side_px // multiple * multiple)
 
 

@@ -12,9 +12,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -61,7 +62,7 @@ class WanService:
 
     @classmethod
     def from_model_config(cls, model_yaml: Mapping[str, Any] | None, model_dir: str | Path,
-                          gpu_id: int | None = None) -> "WanService":
+                          gpu_id: int | None = None) -> WanService:
         """Start from model-config.yaml as TorchServe hands it over."""
         config = load_handler_config(model_yaml, model_dir)
         device = pick_device(gpu_id)
@@ -112,7 +113,7 @@ class WanService:
             if streaming:
                 return Reply(body=ndjson_line({"event": "result", **result}), content_type=NDJSON_CONTENT_TYPE)
             return Reply(body=result)
-        except Exception as exc:  # the one place where failures become responses
+        except Exception as exc:  # noqa: BLE001 - the one place where failures become responses
             error = self._as_wan_error(exc, request_id)
             if streaming:
                 # Progress lines already went out with status 200: the error is the last line.

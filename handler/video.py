@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from fractions import Fraction
 from dataclasses import dataclass
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -16,7 +16,7 @@ from handler.config import VideoEncoding
 MP4_CONTENT_TYPE = "video/mp4"
 
 
-def encode_mp4(frames: np.ndarray, fps: int, settings: VideoEncoding = VideoEncoding()) -> bytes:
+def encode_mp4(frames: np.ndarray, fps: int, settings: VideoEncoding | None = None) -> bytes:
     """Encode uint8 frames shaped (F, H, W, 3) to MP4 bytes.
 
     Written through a temporary file because ``movflags=faststart`` (moov atom first, so a
@@ -25,6 +25,7 @@ def encode_mp4(frames: np.ndarray, fps: int, settings: VideoEncoding = VideoEnco
     """
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames (F, H, W, 3), got {frames.dtype} {frames.shape}")
+    settings = settings or VideoEncoding()
     num_frames, height, width, _ = frames.shape
     fd, path = tempfile.mkstemp(suffix=".mp4")
     os.close(fd)

@@ -16,7 +16,6 @@ from ts.torch_handler.base_handler import BaseHandler
 from handler.service import NDJSON_CONTENT_TYPE, WanService
 
 
-
 def _unwrap(row):
     """Return (body, enveloped). TorchServe rows are {"body"|"data": ...}; under a KServe
     envelope, the handler receives the decoded instances themselves."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 import yaml
@@ -29,7 +30,7 @@ def _prepare(context, request_id="req-1"):
 @pytest.fixture(scope="module")
 def handler_and_context(tiny_checkpoints):
     path = tiny_checkpoints["ti2v-5b"]
-    config = yaml.safe_load(open("config/models/tiny-ti2v.yaml"))
+    config = yaml.safe_load(Path("config/models/tiny-ti2v.yaml").read_text())
     config["handler"]["model_path"] = str(path)
     config["handler"]["defaults"] = dict(SMALL)
     context = _context(path.parent, config)

@@ -93,7 +93,7 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def _proc_kib(name: str) -> int:
-    return int(re.search(rf"^{name}:\s+(\d+) kB", _STATUS.read_text(), re.M).group(1))
+    return int(re.search(rf"^{name}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE).group(1))
 
 
 def rss_peak_growth_kib(fn) -> int | None:

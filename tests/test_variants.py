@@ -242,24 +242,24 @@ def test_wan21_message_names_what_was_found(tmp_path):
 # --- the table against the official Wan2.2 defaults (DESIGN.md's variant table) --------------
 
 OFFICIAL = {
-    "t2v-a14b": dict(
-        pipeline_class="WanPipeline", two_experts=True, boundary_ratio=0.875, size_multiple=16,
-        native_sizes={(1280, 720), (720, 1280), (832, 480), (480, 832)}, image_input=ImageInput.REJECTED,
-        vae_z_dim=16, width=1280, height=720, num_frames=81, fps=16, steps=40, guidance=4.0, guidance_2=3.0,
-        flow_shift=12.0,
-    ),
-    "i2v-a14b": dict(
-        pipeline_class="WanImageToVideoPipeline", two_experts=True, boundary_ratio=0.900, size_multiple=16,
-        native_sizes={(1280, 720), (720, 1280), (832, 480), (480, 832)}, image_input=ImageInput.REQUIRED,
-        vae_z_dim=16, width=1280, height=720, num_frames=81, fps=16, steps=40, guidance=3.5, guidance_2=3.5,
-        flow_shift=5.0,
-    ),
-    "ti2v-5b": dict(
-        pipeline_class="WanPipeline", two_experts=False, boundary_ratio=None, size_multiple=32,
-        native_sizes={(1280, 704), (704, 1280)}, image_input=ImageInput.OPTIONAL,
-        vae_z_dim=48, width=1280, height=704, num_frames=121, fps=24, steps=50, guidance=5.0, guidance_2=None,
-        flow_shift=5.0,
-    ),
+    "t2v-a14b": {
+        "pipeline_class": "WanPipeline", "two_experts": True, "boundary_ratio": 0.875, "size_multiple": 16,
+        "native_sizes": {(1280, 720), (720, 1280), (832, 480), (480, 832)}, "image_input": ImageInput.REJECTED,
+        "vae_z_dim": 16, "width": 1280, "height": 720, "num_frames": 81, "fps": 16, "steps": 40, "guidance": 4.0, "guidance_2": 3.0,
+        "flow_shift": 12.0,
+    },
+    "i2v-a14b": {
+        "pipeline_class": "WanImageToVideoPipeline", "two_experts": True, "boundary_ratio": 0.900, "size_multiple": 16,
+        "native_sizes": {(1280, 720), (720, 1280), (832, 480), (480, 832)}, "image_input": ImageInput.REQUIRED,
+        "vae_z_dim": 16, "width": 1280, "height": 720, "num_frames": 81, "fps": 16, "steps": 40, "guidance": 3.5, "guidance_2": 3.5,
+        "flow_shift": 5.0,
+    },
+    "ti2v-5b": {
+        "pipeline_class": "WanPipeline", "two_experts": False, "boundary_ratio": None, "size_multiple": 32,
+        "native_sizes": {(1280, 704), (704, 1280)}, "image_input": ImageInput.OPTIONAL,
+        "vae_z_dim": 48, "width": 1280, "height": 704, "num_frames": 121, "fps": 24, "steps": 50, "guidance": 5.0, "guidance_2": None,
+        "flow_shift": 5.0,
+    },
 }
 
 

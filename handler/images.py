@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import re
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -38,15 +39,25 @@ def _sniff_format(raw: bytes) -> str | None:
     return None
 
 
-def decode_image(value: object, *, max_bytes: int, max_pixels: int, field: str = "image") -> Image.Image:
-    """Return an RGB PIL image from a base64 string or a ``data:image/...;base64,`` URL."""
+# fetch_s3(uri) returns an object's bytes, or raises InvalidRequest / PayloadTooLarge; it
+# enforces the bucket allowlist and the size limit (see handler.storage.ObjectStore).
+S3Fetcher = Callable[[str, str], bytes]
+
+
+def decode_image(value: object, *, max_bytes: int, max_pixels: int, field: str = "image",
+                 fetch_s3: S3Fetcher | None = None) -> Image.Image:
+    """Return an RGB PIL image from base64, a ``data:image/...;base64,`` URL, or (when
+    ``fetch_s3`` is given) an ``s3://bucket/key`` in an allowed bucket."""
     if not isinstance(value, str):
         raise InvalidRequest(f"{field} must be a base64 string or a data: URL", field)
     text = value.strip()
+    if text.startswith("s3://") and fetch_s3 is not None:
+        return image_from_bytes(fetch_s3(text, field), max_pixels=max_pixels, field=field)
     if _URL_SCHEME.match(text):
         raise InvalidRequest(
-            f"{field} must be the image itself (base64 or a data: URL); "
-            "the server never fetches remote URLs",
+            f"{field} must be the image itself (base64 or a data: URL)"
+            + (" or an s3:// object in an allowed bucket" if fetch_s3 is not None else "")
+            + "; the server never fetches remote URLs",
             field,
         )
     if text.startswith("data:"):
@@ -65,9 +76,13 @@ def decode_image(value: object, *, max_bytes: int, max_pixels: int, field: str =
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"{field} is not valid base64", field) from None
+    return image_from_bytes(raw, max_pixels=max_pixels, field=field)
+
+
+def image_from_bytes(raw: bytes, *, max_pixels: int, field: str = "image") -> Image.Image:
+    """Decode image file bytes (PNG, JPEG, WebP) to RGB, refusing bombs and broken files."""
     if not raw:
         raise InvalidRequest(f"{field} is empty", field)
-
     sniffed = _sniff_format(raw)
     if sniffed is None:
         raise InvalidRequest(f"{field} is not a PNG, JPEG or WebP image (unrecognised file signature)", field)

@@ -20,7 +20,7 @@ from PIL import Image
 
 from handler.config import RequestLimits
 from handler.errors import InvalidRequest, PayloadTooLarge
-from handler.images import decode_image
+from handler.images import S3Fetcher, decode_image
 from handler.variants import GenerationDefaults, ImageInput, VariantSpec
 
 MAX_SEED = 2**63 - 1
@@ -170,8 +170,13 @@ def parse_request(
     defaults: GenerationDefaults,
     limits: RequestLimits,
     storage_configured: bool,
+    fetch_s3: S3Fetcher | None = None,
 ) -> GenerationRequest:
-    """Validate a request body against the contract and the serving variant."""
+    """Validate a request body against the contract and the serving variant.
+
+    ``storage_configured``: results can be uploaded (output ``url`` allowed and the default).
+    ``fetch_s3``: reads ``s3://`` image inputs from allowed buckets; None refuses them.
+    """
     body = decode_body(body, limits)
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
@@ -193,7 +198,8 @@ def parse_request(
     if "image" in body:
         if spec.image_input is ImageInput.REJECTED:
             raise InvalidRequest(f"{spec.name} is text-to-video and takes no image", "image")
-        image = decode_image(body["image"], max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
+        image = decode_image(body["image"], max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
+                             fetch_s3=fetch_s3)
     elif spec.image_input is ImageInput.REQUIRED:
         raise InvalidRequest(f"{spec.name} is image-to-video: image is required", "image")
 

@@ -23,6 +23,7 @@ from handler.config import HandlerConfig, load_handler_config
 from handler.errors import InternalError, InvalidRequest, OutOfMemory, WanError
 from handler.pipeline import WanVideoPipeline, pick_device
 from handler.request import GenerationRequest, OutputKind, parse_request
+from handler.storage import ObjectStore, StorageConfig, StorageUnavailable
 from handler.video import MP4_CONTENT_TYPE, encode_mp4
 
 log = logging.getLogger(__name__)
@@ -53,17 +54,20 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 class WanService:
-    def __init__(self, config: HandlerConfig, pipeline: WanVideoPipeline):
+    def __init__(self, config: HandlerConfig, pipeline: WanVideoPipeline, storage: ObjectStore | None = None,
+                 model: Mapping[str, str] | None = None):
         self.config = config
         self.pipeline = pipeline
         self.spec = pipeline.spec
         self.defaults = config.defaults_for(pipeline.spec.defaults)
-        self.storage = None  # object storage arrives with the storage feature; design for it
+        self.storage = storage
+        # Name and version of the served model (from the archive's manifest), for the records.
+        self.model = dict(model or {})
 
     @classmethod
     def from_model_config(cls, model_yaml: Mapping[str, Any] | None, model_dir: str | Path,
-                          gpu_id: int | None = None) -> WanService:
-        """Start from model-config.yaml as TorchServe hands it over."""
+                          gpu_id: int | None = None, model: Mapping[str, str] | None = None) -> WanService:
+        """Start from model-config.yaml as TorchServe hands it over (storage from the environment)."""
         config = load_handler_config(model_yaml, model_dir)
         device = pick_device(gpu_id)
         if device.type == "cpu":
@@ -73,14 +77,23 @@ class WanService:
             torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // max_workers))
         pipeline = WanVideoPipeline.load(config.model_path, config.defaults_for, device)
         log.info("loaded %s from %s on %s", pipeline.spec.name, config.model_path, device)
-        return cls(config, pipeline)
+        storage_config = StorageConfig.from_env()
+        storage = ObjectStore(storage_config) if storage_config is not None else None
+        if storage is not None:
+            storage.check_at_start()
+        return cls(config, pipeline, storage, model)
 
     @property
     def storage_configured(self) -> bool:
-        return self.storage is not None
+        return self.storage is not None and self.storage.uploads_enabled
+
+    def _fetch_s3(self, uri: str, field: str) -> bytes:
+        return self.storage.fetch_image(uri, field, self.config.limits.max_image_bytes)
 
     def parse(self, body: Any, enveloped: bool = False) -> GenerationRequest:
-        request = parse_request(body, self.spec, self.defaults, self.config.limits, self.storage_configured)
+        reads_s3 = self.storage is not None and bool(self.storage.config.input_buckets)
+        request = parse_request(body, self.spec, self.defaults, self.config.limits, self.storage_configured,
+                                fetch_s3=self._fetch_s3 if reads_s3 else None)
         if enveloped and (request.stream or request.output is OutputKind.MP4):
             # The KServe envelopes wrap every answer in a JSON document and KServe's proxy does
             # not pass streams through: only JSON outputs make sense there.
@@ -141,7 +154,20 @@ class WanService:
         timings = dict(generated.timings_s, video_encode_s=time.perf_counter() - mark)
         warnings: list[str] = []
         video: dict[str, Any] = {"content_type": MP4_CONTENT_TYPE}
-        if request.output is OutputKind.INLINE:
+        inline = request.output is OutputKind.INLINE
+        if request.output is OutputKind.URL:
+            mark = time.perf_counter()
+            record = {"parameters": request.parameters(), "variant": self.spec.name, "model": self.model,
+                      "timings": {name: round(value, 4) for name, value in timings.items()}}
+            try:
+                stored = self.storage.store_video(mp4, request_id, record)
+                video.update(url=stored.url, s3_uri=stored.s3_uri)
+            except StorageUnavailable as exc:
+                # Never lose a finished video to a storage problem: hand it back inline.
+                warnings.append(f"{exc}; the video is returned inline instead of as a URL")
+                inline = True
+            timings["upload_s"] = time.perf_counter() - mark
+        if inline:
             video["base64"] = base64.b64encode(mp4).decode("ascii")
         timings["total_s"] = time.perf_counter() - started
         return {

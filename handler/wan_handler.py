@@ -29,8 +29,10 @@ def _unwrap(row):
 class WanVideoHandler(BaseHandler):
     def initialize(self, context):
         properties = context.system_properties
+        manifest_model = (context.manifest or {}).get("model", {})
         self.service = WanService.from_model_config(
-            context.model_yaml_config, properties.get("model_dir"), properties.get("gpu_id")
+            context.model_yaml_config, properties.get("model_dir"), properties.get("gpu_id"),
+            model={"name": context.model_name, "version": manifest_model.get("modelVersion", "")},
         )
         self.context = context
         self.initialized = True

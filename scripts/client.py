@@ -82,12 +82,13 @@ class WanClient:
             raise ServerError(response.status_code, _json_or_text(response))
         return response.json()
 
-    def generate(self, request: dict[str, Any], on_progress: ProgressCallback | None = None) -> Result:
-        """Run one request; streams progress when ``on_progress`` is given."""
+    def generate(self, request: dict[str, Any], on_progress: ProgressCallback | None = None,
+                 download: bool = True) -> Result:
+        """Run one request; streams progress when ``on_progress`` is given. With a URL result,
+        the video is downloaded only when ``download`` (``Result.mp4`` is empty otherwise)."""
         body = dict(request)
         if on_progress is not None:
             body["stream"] = True
-        body.setdefault("output", "inline")
         response = self.session.post(self.predictions_url, json=body, stream=bool(body.get("stream")),
                                      timeout=self.timeout_s)
         if response.status_code != 200:
@@ -108,7 +109,8 @@ class WanClient:
             result = final
         else:
             result = response.json()
-        return Result(response=result, mp4=self.fetch_video(result["video"]))
+        video = result["video"]
+        return Result(response=result, mp4=self.fetch_video(video) if download or "base64" in video else b"")
 
     def fetch_video(self, video: dict[str, Any]) -> bytes:
         if "base64" in video:
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance-scale-2", type=float)
     parser.add_argument("--output", choices=("inline", "url"), help="server default when omitted")
     parser.add_argument("--no-stream", action="store_true", help="do not show progress")
-    parser.add_argument("--out", default="output.mp4", help="where to save the MP4")
+    parser.add_argument("--out", help="save the MP4 here (for URL results: download it); "
+                                      "inline results default to output.mp4")
     parser.add_argument("--url", default=os.environ.get("WAN_URL", "http://127.0.0.1:8080"))
     parser.add_argument("--model", default="wan")
     args = parser.parse_args(argv)
@@ -171,16 +174,19 @@ def main(argv: list[str] | None = None) -> None:
     client = WanClient(args.url, args.model)
     started = time.perf_counter()
     try:
-        result = client.generate(request, None if args.no_stream else progress_bar)
+        result = client.generate(request, None if args.no_stream else progress_bar, download=args.out is not None)
     except ServerError as e:
         raise SystemExit(f"error: {e}") from None
-    Path(args.out).write_bytes(result.mp4)
     info = {key: result.response.get(key) for key in ("request_id", "variant", "width", "height",
                                                        "num_frames", "fps", "seed", "timings", "warnings")}
-    if "url" in result.response.get("video", {}):
-        info["url"] = result.response["video"]["url"]
+    video = result.response.get("video", {})
+    if "url" in video:
+        info.update(url=video["url"], s3_uri=video["s3_uri"])
     print(json.dumps(info, indent=2))
-    print(f"saved {args.out} ({len(result.mp4)} bytes) in {time.perf_counter() - started:.1f} s")
+    out = args.out or (None if "url" in video else "output.mp4")
+    if out is not None:
+        Path(out).write_bytes(result.mp4)
+        print(f"saved {out} ({len(result.mp4)} bytes) in {time.perf_counter() - started:.1f} s")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ import io
 import os
 import re
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,63 @@ def torchserve_kserve(tmp_path_factory, server_weights):
 @pytest.fixture(autouse=True, scope="session")
 def _offline():
     os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+class MotoServer:
+    """moto in server mode: a real S3 protocol endpoint on 127.0.0.1, stoppable mid-test."""
+
+    def __init__(self, port: int, log_path: Path):
+        self.port = port
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                requests.get(self.endpoint, timeout=1)
+                return
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise RuntimeError(f"moto_server did not start on {self.endpoint}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def env(self) -> dict[str, str]:
+        """boto3's standard variables pointing at this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def client(self):
+        import boto3
+
+        env = self.env()
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=env["AWS_REGION"],
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory):
+    [port] = free_ports(1)
+    server = MotoServer(port, tmp_path_factory.mktemp("moto") / "moto.log")
+    server.start()
+    yield server
+    server.stop()

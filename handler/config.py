@@ -45,6 +45,42 @@ class VideoEncoding:
     preset: str = "veryfast"
 
 
+ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3", "sage")
+EXPERT_PLACEMENTS = ("auto", "gpu", "swap")
+VAE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """How the pipeline runs on a GPU. All defaults are lossless (same math as plain diffusers);
+    on CPU only ``vae_dtype`` applies. Measured in BENCHMARKS.md."""
+
+    # diffusers attention backend for the transformer(s).
+    attention_backend: str = "native"
+    # Regional torch.compile of the repeated transformer blocks (GPU only).
+    compile: bool = True
+    # Run one short generation at the default size in initialize, so compilation and autotuning
+    # are paid at start, not by the first user. Other sizes compile on first use.
+    warmup: bool = True
+    # float32 is what diffusers recommends for quality; bfloat16 decodes faster and changes pixels.
+    vae_dtype: str = "float32"
+    # Decode in tiles: less memory, slower. For GPUs too small for a full-size decode.
+    vae_tiling: bool = False
+    # TF32 for float32 matmuls: faster VAE, slightly different pixels; off = PyTorch's default.
+    tf32: bool = False
+    # Two-expert variants: "gpu" keeps both on the GPU; "swap" keeps only the active one there
+    # (the other waits in pinned host memory and is swapped in at the boundary step), so the
+    # 14B pair fits one 80 GB GPU; "auto" swaps when both would not fit with room to run.
+    expert_placement: str = "auto"
+
+    def __post_init__(self):
+        for name, allowed in (("attention_backend", ATTENTION_BACKENDS), ("expert_placement", EXPERT_PLACEMENTS),
+                              ("vae_dtype", VAE_DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"handler.speed.{name} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
+
+
 @dataclass(frozen=True)
 class HandlerConfig:
     model_path: Path
@@ -52,6 +88,7 @@ class HandlerConfig:
     default_overrides: Mapping[str, Any] = field(default_factory=dict)
     limits: RequestLimits = field(default_factory=RequestLimits)
     video: VideoEncoding = field(default_factory=VideoEncoding)
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
     # torch intra-op threads per worker on CPU; None: the machine's cores / maxWorkers.
     cpu_threads: int | None = None
 
@@ -87,7 +124,7 @@ _DEFAULT_FIELD_TYPES = {
     "guidance_scale": float, "guidance_scale_2": float, "flow_shift": float,
     "negative_prompt": str,
 }
-_HANDLER_KEYS = {"model_path", "defaults", "limits", "video", "cpu_threads"}
+_HANDLER_KEYS = {"model_path", "defaults", "limits", "video", "speed", "cpu_threads"}
 
 
 def load_handler_config(model_yaml: Mapping[str, Any] | None, model_dir: str | Path) -> HandlerConfig:
@@ -137,5 +174,6 @@ def load_handler_config(model_yaml: Mapping[str, Any] | None, model_dir: str | P
         default_overrides=checked,
         limits=_typed_section(RequestLimits, section.get("limits"), "handler.limits"),
         video=_typed_section(VideoEncoding, section.get("video"), "handler.video"),
+        speed=_typed_section(SpeedOptions, section.get("speed"), "handler.speed"),
         cpu_threads=cpu_threads,
     )

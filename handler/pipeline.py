@@ -8,6 +8,7 @@ flow shift and the expert boundary explicitly (a converted checkpoint may carry 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -25,8 +26,9 @@ import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
+from handler.config import SpeedOptions
 from handler.errors import InvalidRequest, ModelLoadError
-from handler.request import GenerationRequest
+from handler.request import GenerationRequest, OutputKind
 from handler.variants import GenerationDefaults, VariantSpec, detect_variant
 
 log = logging.getLogger(__name__)
@@ -60,11 +62,90 @@ def _with_flow_shift(scheduler, shift: float):
     raise ModelLoadError(f"scheduler {scheduler.__class__.__name__} has no flow shift setting")
 
 
+# Room left on the GPU for activations and the VAE decode when deciding whether both 14B
+# experts can stay on the GPU (one expert's 720p forward peaks at ~25 GiB over its weights).
+ACTIVATION_RESERVE_BYTES = 34 * 2**30
+
+
+def _module_bytes(module: torch.nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+class ExpertSwap:
+    """Keep one of the two experts on the GPU; the other waits in pinned host memory.
+
+    A forward pre-hook brings the called expert in (and sends the other out) just before it
+    runs, so the swap happens once at the boundary step and once at the next request's first
+    step. Weights never change at inference, so "sending out" only drops the GPU copy; the
+    pinned host copy makes the way in a fast DMA (~25 GB/s) instead of a pageable copy.
+    """
+
+    def __init__(self, experts: list[torch.nn.Module], device: torch.device):
+        self.device = device
+        self.host: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for expert in experts:
+            tensors = [*expert.parameters(), *expert.buffers()]
+            self.host[id(expert)] = [(t, t.data.to("cpu").pin_memory()) for t in tensors]
+            expert.register_forward_pre_hook(self._before_forward)
+        self.active: torch.nn.Module | None = None
+        for expert in experts:
+            self._send_out(expert)
+        self.swaps = 0
+
+    def _send_out(self, expert: torch.nn.Module) -> None:
+        for tensor, host in self.host[id(expert)]:
+            tensor.data = host
+
+    def _bring_in(self, expert: torch.nn.Module) -> None:
+        for tensor, host in self.host[id(expert)]:
+            tensor.data = host.to(self.device, non_blocking=True)
+
+    def _before_forward(self, expert: torch.nn.Module, _args) -> None:
+        if self.active is expert:
+            return
+        if self.active is not None:
+            self._send_out(self.active)
+        self._bring_in(expert)
+        self.active = expert
+        self.swaps += 1
+
+
+def _apply_speed_options(pipe, speed: SpeedOptions, device: torch.device) -> ExpertSwap | None:
+    """Attention backend, expert placement and regional compilation, on the loaded pipeline."""
+    if speed.vae_tiling:
+        pipe.vae.enable_tiling()
+    if device.type != "cuda":
+        return None
+    torch.backends.cuda.matmul.allow_tf32 = speed.tf32
+    torch.backends.cudnn.allow_tf32 = speed.tf32 or torch.backends.cudnn.allow_tf32
+    experts = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
+    for expert in experts:
+        expert.set_attention_backend(speed.attention_backend)
+    swap = None
+    if len(experts) == 2:
+        weights = sum(_module_bytes(m) for m in (*experts, pipe.text_encoder, pipe.vae))
+        total = torch.cuda.get_device_properties(device).total_memory
+        wants_swap = speed.expert_placement == "swap" or (
+            speed.expert_placement == "auto" and weights + ACTIVATION_RESERVE_BYTES > total
+        )
+        if wants_swap:
+            swap = ExpertSwap(experts, device)
+            torch.cuda.empty_cache()
+        log.info("experts: %s (weights %.1f GiB, GPU %.1f GiB)", "swapped" if swap else "both on the GPU",
+                 weights / 2**30, total / 2**30)
+    if speed.compile:
+        for expert in experts:
+            expert.compile_repeated_blocks(fullgraph=True)
+    return swap
+
+
 class WanVideoPipeline:
     """One loaded Wan2.2 checkpoint, ready to generate on one device."""
 
     def __init__(self, text_pipe: WanPipeline | WanImageToVideoPipeline, spec: VariantSpec,
-                 defaults: GenerationDefaults, device: torch.device):
+                 defaults: GenerationDefaults, device: torch.device, speed: SpeedOptions | None = None):
         self.spec = spec
         self.device = device
         self.text_pipe = text_pipe
@@ -90,22 +171,67 @@ class WanVideoPipeline:
             pipe.scheduler = _with_flow_shift(pipe.scheduler, defaults.flow_shift)
             pipe.register_to_config(boundary_ratio=spec.boundary_ratio)
         self._check_size_multiple()
+        self.expert_swap = _apply_speed_options(text_pipe, speed or SpeedOptions(), device)
 
     @classmethod
     def load(cls, model_path: str | Path, defaults_for: Callable[[GenerationDefaults], GenerationDefaults],
-             device: torch.device) -> WanVideoPipeline:
-        """Load a checkpoint folder: bf16 on GPU, fp32 on CPU; the VAE in fp32 for quality."""
+             device: torch.device, speed: SpeedOptions | None = None) -> WanVideoPipeline:
+        """Load a checkpoint folder: bf16 on GPU, fp32 on CPU; the VAE in ``speed.vae_dtype``.
+
+        On a GPU the safetensors are read straight into device memory (``device_map``), with no
+        host copy of the weights in between.
+        """
+        speed = speed or SpeedOptions()
         spec = detect_variant(model_path)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        vae_dtype = getattr(torch, speed.vae_dtype)
         pipeline_class = WanImageToVideoPipeline if spec.pipeline_class == "WanImageToVideoPipeline" else WanPipeline
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # device_map "cuda" means the current device
         try:
             pipe = pipeline_class.from_pretrained(
-                str(model_path), dtype={"vae": torch.float32, "default": dtype}, local_files_only=True
+                str(model_path), dtype={"vae": vae_dtype, "default": dtype}, local_files_only=True,
+                device_map="cuda" if device.type == "cuda" else None,
             )
         except (OSError, ValueError, KeyError) as e:
             raise ModelLoadError(f"cannot load {spec.name} checkpoint from {model_path}: {e}") from e
-        pipe.to(device)
-        return cls(pipe, spec, defaults_for(spec.defaults), device)
+        if device.type == "cuda":
+            pipe.reset_device_map()  # one device: no dispatch hooks; plain .to() works again
+        else:
+            pipe.to(device)
+        return cls(pipe, spec, defaults_for(spec.defaults), device, speed)
+
+    def warm_up(self, defaults: GenerationDefaults) -> float:
+        """One short generation at the default size, touching every expert: compiles the
+        blocks and autotunes kernels before the first user arrives. Returns seconds taken."""
+        started = time.perf_counter()
+        steps = self._steps_covering_every_expert()
+        request = GenerationRequest(
+            prompt="warm-up", negative_prompt=defaults.negative_prompt, image=None, width=defaults.width,
+            height=defaults.height, num_frames=defaults.num_frames, fps=defaults.fps, num_inference_steps=steps,
+            guidance_scale=defaults.guidance_scale, guidance_scale_2=defaults.guidance_scale_2, seed=0,
+            output=OutputKind.INLINE, stream=False,
+        )
+        if self.spec.image_input.value != "required":
+            self.generate(request)
+        if self.image_pipe is not None:
+            from PIL import Image
+
+            image = Image.new("RGB", (defaults.width, defaults.height), (127, 127, 127))
+            self.generate(dataclasses.replace(request, image=image))
+        return time.perf_counter() - started
+
+    def _steps_covering_every_expert(self) -> int:
+        if self.spec.boundary_ratio is None:
+            return 2
+        scheduler = self.text_pipe.scheduler.__class__.from_config(self.text_pipe.scheduler.config)
+        boundary = self.spec.boundary_ratio * scheduler.config.num_train_timesteps
+        for steps in range(2, 41):
+            scheduler.set_timesteps(steps)
+            timesteps = scheduler.timesteps
+            if bool((timesteps >= boundary).any()) and bool((timesteps < boundary).any()):
+                return steps
+        return 40
 
     def _check_size_multiple(self) -> None:
         vae_factor = self.text_pipe.vae_scale_factor_spatial

@@ -75,8 +75,13 @@ class WanService:
             # TorchServe leaves intra-op threads at the core count in every worker; workers
             # then fight over the same cores (7x slower seen with 2 workers on 2 cores).
             torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // max_workers))
-        pipeline = WanVideoPipeline.load(config.model_path, config.defaults_for, device)
-        log.info("loaded %s from %s on %s", pipeline.spec.name, config.model_path, device)
+        started = time.perf_counter()
+        pipeline = WanVideoPipeline.load(config.model_path, config.defaults_for, device, config.speed)
+        log.info("loaded %s from %s on %s in %.1f s", pipeline.spec.name, config.model_path, device,
+                 time.perf_counter() - started)
+        if device.type == "cuda" and config.speed.warmup:
+            seconds = pipeline.warm_up(config.defaults_for(pipeline.spec.defaults))
+            log.info("warm-up (compilation, autotuning) took %.1f s", seconds)
         storage_config = StorageConfig.from_env()
         storage = ObjectStore(storage_config) if storage_config is not None else None
         if storage is not None:

@@ -27,6 +27,16 @@ FORMATS = ("no-archive", "default", "tgz", "zip-store")
 _SOURCE_SUFFIXES = {".py", ".yaml", ".yml"}
 
 
+def console_script(name: str, module_fallback: list[str]) -> list[str]:
+    """The command for an installed console script: next to this Python (a venv), on PATH,
+    or as ``python <module_fallback>`` when installed with ``pip --target`` (no scripts)."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return [str(beside)]
+    found = shutil.which(name)
+    return [found] if found else [sys.executable, *module_fallback]
+
+
 def archive_path(export_dir: str | Path, model_name: str, archive_format: str) -> Path:
     base = Path(export_dir) / model_name
     return {"no-archive": base, "tgz": base.with_suffix(".tar.gz")}.get(archive_format, base.with_suffix(".mar"))
@@ -81,7 +91,7 @@ def build_archive(
         if target.is_dir():
             shutil.rmtree(target)
         command = [
-            str(Path(sys.executable).parent / "torch-model-archiver"),
+            *console_script("torch-model-archiver", ["-m", "model_archiver.model_packaging"]),
             "--model-name", model_name,
             "--version", version,
             "--handler", str(HANDLER_PACKAGE / HANDLER_ENTRY),

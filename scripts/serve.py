@@ -21,7 +21,10 @@ from urllib.parse import urlsplit
 
 import requests
 
-from model_store.archive import build_archive, is_current
+from model_store.archive import build_archive, console_script, is_current
+
+# torchserve's console script is ts.model_server:start.
+_TORCHSERVE = ("torchserve", ["-c", "import sys; from ts.model_server import start; sys.exit(start())"])
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIN_JAVA = 11
@@ -168,7 +171,7 @@ def start(layout: ServerLayout = ServerLayout(), timeout_s: float = 300.0, extra
     env.update(extra_env or {})
     started = time.monotonic()
     command = [
-        str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs",
+        *console_script(*_TORCHSERVE), "--start", "--ncs",
         "--model-store", str(layout.model_store),
         "--models", f"{layout.model_name}={layout.model_name}",
         "--ts-config", str(layout.ts_config),
@@ -191,7 +194,7 @@ def stop(layout: ServerLayout = ServerLayout(), timeout_s: float = 60.0) -> None
     java_home = find_java_home() or ""
     env = _server_env(layout, java_home)
     with open(layout.run_dir / "torchserve.out", "ab") as out:
-        subprocess.run([str(Path(sys.executable).parent / "torchserve"), "--stop"], cwd=layout.run_dir,
+        subprocess.run([*console_script(*_TORCHSERVE), "--stop"], cwd=layout.run_dir,
                        env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and _port_open(layout.inference_url):

@@ -55,6 +55,39 @@ class ServerLayout:
         return self.weights_dir / "tiny-ti2v-5b"
 
 
+def free_ports(count: int) -> list[int]:
+    """Ports on 127.0.0.1 that nothing listens on right now."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def isolated_layout(root: Path, extra_properties: str = "", **layout: object) -> ServerLayout:
+    """A server with the repo's config.properties on free ports, its files under ``root``:
+    for tests and benchmarks that must not collide with `make serve` or with each other."""
+    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+    properties = (REPO_ROOT / "config" / "config.properties").read_text()
+    for default, port in (("8080", inference), ("8081", management), ("8082", metrics)):
+        properties = properties.replace(f"127.0.0.1:{default}", f"127.0.0.1:{port}")
+    properties += f"\ngrpc_inference_port={grpc_inference}\ngrpc_management_port={grpc_management}\n"
+    root.mkdir(parents=True, exist_ok=True)
+    ts_config = root / "config.properties"
+    ts_config.write_text(properties + extra_properties)
+    defaults = {
+        "run_dir": root / "run", "model_store": root / "model_store", "ts_config": ts_config,
+        "inference_url": f"http://127.0.0.1:{inference}", "management_url": f"http://127.0.0.1:{management}",
+        "metrics_url": f"http://127.0.0.1:{metrics}",
+    }
+    return ServerLayout(**{**defaults, **layout})
+
+
 def _java_version(java: str) -> int | None:
     try:
         out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30, check=False).stderr

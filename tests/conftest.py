@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +15,7 @@ import requests
 from PIL import Image
 
 from model_store.tiny_model import LAYOUTS, build_tiny_checkpoint
-from scripts.serve import REPO_ROOT, ServerLayout, read_key, start, stop
+from scripts.serve import ServerLayout, free_ports, isolated_layout, read_key, start, stop
 
 # Small enough that a whole generation takes a fraction of a second on a CI core. Not smaller:
 # at 64x64 libx264 encodes the same frames differently from run to run (seen with PyAV 18).
@@ -49,19 +47,6 @@ def png_base64(width: int = 96, height: int = 64, color=(200, 30, 30), data_url:
     Image.new("RGB", (width, height), color).save(buffer, "PNG")
     encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
     return f"data:image/png;base64,{encoded}" if data_url else encoded
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class Server:
@@ -99,28 +84,9 @@ class Server:
 
 
 def start_server(root: Path, weights_dir: Path, extra_properties: str = "", extra_env: dict | None = None) -> Server:
-    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
-    properties = (REPO_ROOT / "config" / "config.properties").read_text()
-    # Same settings as make serve, on free ports so tests never collide with a running server.
-    properties = re.sub(r"127\.0\.0\.1:8080", f"127.0.0.1:{inference}", properties)
-    properties = re.sub(r"127\.0\.0\.1:8081", f"127.0.0.1:{management}", properties)
-    properties = re.sub(r"127\.0\.0\.1:8082", f"127.0.0.1:{metrics}", properties)
-    properties += f"\ngrpc_inference_port={grpc_inference}\ngrpc_management_port={grpc_management}\n"
-    properties += extra_properties
-    root.mkdir(parents=True, exist_ok=True)
-    ts_config = root / "config.properties"
-    ts_config.write_text(properties)
-    layout = ServerLayout(
-        run_dir=root / "run",
-        model_store=root / "model_store",
-        weights_dir=weights_dir,
-        ts_config=ts_config,
-        inference_url=f"http://127.0.0.1:{inference}",
-        management_url=f"http://127.0.0.1:{management}",
-        metrics_url=f"http://127.0.0.1:{metrics}",
-    )
-    server = Server(layout)
-    server.startup_s = start(layout, timeout_s=240, extra_env=extra_env)
+    """Same settings as make serve, on free ports so tests never collide with a running server."""
+    server = Server(isolated_layout(root, extra_properties, weights_dir=weights_dir))
+    server.startup_s = start(server.layout, timeout_s=240, extra_env=extra_env)
     return server
 
 

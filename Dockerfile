@@ -1,0 +1,75 @@
+# The Wan2.2 serving image: TorchServe 0.12 + our handler + diffusers on CUDA, for the KServe
+# runtime `wan-torchserve` (kserve/) and the plain Deployment (kserve/plain/).
+#
+# No weights and no model store inside: KServe copies the store (config/config.properties,
+# model-store/wan/, weights/<variant>/) to /mnt/models, or a PVC is mounted there. Nothing is
+# downloaded at run time (HF_HUB_OFFLINE=1).
+#
+#   docker build -t registry.wan.internal/wan/wan-torchserve:0.1.0 .
+#
+# CUDA: torch 2.13.0 from PyTorch's cu130 wheel index (CUDA 13.0; the wheels bring their own
+# CUDA libraries, the base image brings the matching runtime and driver hooks). Nodes need an
+# NVIDIA driver that supports CUDA 13.0 (580 or newer). The torch version must equal the pin in
+# constraints.txt (tests/test_dockerfile.py checks it).
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
+
+# -- build: a virtual environment with CUDA torch, TorchServe, diffusers and our package ----------
+FROM ${CUDA_IMAGE} AS build
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu130
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# Ubuntu 24.04's Python 3.12 (the same interpreter the runtime stage installs, at the same path).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3=3.12.* python3-venv=3.12.* \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# torch first and alone, from the CUDA index: PyPI's default build would be another CUDA.
+RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+COPY constraints.txt setup.cfg pyproject.toml README.md ./
+COPY handler/ handler/
+COPY model_store/ model_store/
+COPY scripts/ scripts/
+# Our package and everything else, under the same constraints as every install in the repo
+# (torch==2.13.0 is already satisfied by the CUDA build, so pip keeps it).
+RUN pip install -c constraints.txt . \
+    && python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('${TORCH_VERSION}+cu') else 'torch was replaced: ' + torch.__version__)"
+
+# -- runtime --------------------------------------------------------------------------------------
+FROM ${CUDA_IMAGE} AS runtime
+ENV DEBIAN_FRONTEND=noninteractive
+# Python for the venv, Java 17 for TorchServe's frontend, tini to forward SIGTERM to the whole
+# process group (the torchserve launcher, the Java frontend and the Python workers).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3=3.12.* openjdk-17-jre-headless=17.* tini=0.19.* \
+    && rm -rf /var/lib/apt/lists/*
+# uid 1000, as KServe runtimes run (runAsUser: 1000). Ubuntu 24.04 ships a user "ubuntu" with
+# that uid; it goes.
+RUN userdel --remove ubuntu \
+    && useradd --uid 1000 --user-group --create-home --home-dir /home/model-server --shell /bin/bash model-server
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    HF_HOME=/home/model-server/.cache/huggingface \
+    LOG_LOCATION=/home/model-server/logs \
+    METRICS_LOCATION=/home/model-server/logs
+# Numeric, so that Kubernetes can verify runAsNonRoot.
+USER 1000:1000
+WORKDIR /home/model-server
+# 8080 / 8081 / 8082: TorchServe's defaults (local config); 8085: inference in KServe (the
+# runtime's container port); 8081 management and 8082 metrics are the same in both.
+EXPOSE 8080 8081 8082 8085
+# Ready when the model "wan" has a READY worker (TorchServe's /ping says Healthy while the first
+# worker is still loading). Kubernetes ignores HEALTHCHECK: the runtime has the same exec probe.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30m --retries=3 \
+    CMD ["python3", "-c", "import json, sys, urllib.request as u; w = json.load(u.urlopen('http://127.0.0.1:8081/models/wan', timeout=5))[0]['workers']; sys.exit(0 if any(x['status'] == 'READY' for x in w) else 1)"]
+ENTRYPOINT ["/usr/bin/tini", "-g", "--"]
+# KServe's layout under /mnt/models; TorchServe stays in the foreground as the container's process.
+CMD ["torchserve", "--start", "--foreground", "--ncs", "--model-store=/mnt/models/model-store", "--ts-config=/mnt/models/config/config.properties"]

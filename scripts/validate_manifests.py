@@ -251,10 +251,13 @@ class Context:
 Check = Callable[[list[Manifest], Context], list[Problem]]
 
 
-def registered_checks() -> list[Check]:
+def registered_checks(manifests: list[Manifest] | None = None) -> list[Check]:
+    """All cross-checks; given the manifests, Karmada's only when Karmada objects are among them
+    (``kserve/`` alone is what a cluster without Karmada applies: nothing needs placing there)."""
     from scripts import checks_karmada, checks_kserve
 
-    return [*checks_kserve.CHECKS, *checks_karmada.CHECKS]
+    karmada = manifests is None or any(m.group.endswith(".karmada.io") for m in manifests)
+    return [*checks_kserve.CHECKS, *(checks_karmada.CHECKS if karmada else [])]
 
 
 def validate(paths: Iterable[str | Path] = DEFAULT_PATHS, crd_dir: Path | None = None,
@@ -267,7 +270,7 @@ def validate(paths: Iterable[str | Path] = DEFAULT_PATHS, crd_dir: Path | None =
                                           "Karmada objects (set WAN_CRD_DIR)", file=crds.crd_dir))
     problems.extend(validate_schemas(manifests, crds))
     context = Context(crds)
-    for check in registered_checks() if checks is None else checks:
+    for check in registered_checks(manifests) if checks is None else checks:
         problems.extend(check(manifests, context))
     return problems
 

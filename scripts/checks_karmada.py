@@ -390,7 +390,7 @@ end
 
 local function run(source, chunkname, fn_name, budget_s, nargs, ...)
   local chunk, err = loadstring(source, "=" .. chunkname)
-  if chunk == nil then return false, "syntax error: " .. tostring(err), 0 end
+  if chunk == nil then return false, "syntax error: " .. tostring(err), nil, {} end
   local env, assigned = make_env()
   setfenv(chunk, env)
   -- The sandbox's string methods ("x"):sub() go through the string metatable: point it at the
@@ -634,7 +634,7 @@ class KarmadaLua:
         try:
             result = self.call(probe, "WanProbe__")
         except LuaScriptError as e:
-            return str(e).removeprefix("WanProbe__: ")
+            return f"{fn_name}: {str(e).removeprefix('WanProbe__: ')}"
         kind = result.values[0]
         return None if kind == "function" else f"{fn_name} is a {kind}, not a function"
 
@@ -941,6 +941,10 @@ class World:
 class OverrideError(ValueError):
     """Karmada would fail to apply the override (and the Work for that cluster is not created)."""
 
+    def __init__(self, message: str, where: str = ""):
+        super().__init__(message)
+        self.where = where
+
 
 def json_pointer(path: str) -> list[str]:
     if not isinstance(path, str) or not path.startswith("/"):
@@ -1058,10 +1062,13 @@ def apply_overriders(doc: dict[str, Any], overriders: dict[str, Any], where: str
         path = f"{where}/imageOverrider/{i}"
         predicate = (image.get("predicate") or {}).get("path")
         if predicate:
-            current = _resolve(doc, json_pointer(predicate), predicate)
-            if not isinstance(current, str):
-                raise OverrideError(f"{path}: {predicate} is not a string (imageOverrider needs an image there)")
-            json_patch(doc, "replace", predicate, _override_image(current, image))
+            try:
+                current = _resolve(doc, json_pointer(predicate), predicate)
+                if not isinstance(current, str):
+                    raise OverrideError(f"{predicate} is not a string (imageOverrider needs an image there)")
+                json_patch(doc, "replace", predicate, _override_image(current, image))
+            except OverrideError as e:
+                raise OverrideError(str(e), f"{path}/predicate/path") from e
         elif kind in NATIVE_POD_PATHS:
             pod = doc
             for key in NATIVE_POD_PATHS[kind]:
@@ -1088,14 +1095,14 @@ def apply_overriders(doc: dict[str, Any], overriders: dict[str, Any], where: str
                 elif operator in ("add", "replace"):
                     metadata.setdefault(key, {})[item_key] = value
                 else:
-                    raise OverrideError(f"{where}/{name}/{i}: unknown operator {operator!r}")
+                    raise OverrideError(f"unknown operator {operator!r}", f"{where}/{name}/{i}")
     if overriders.get("fieldOverrider"):
         notes.append((f"{where}/fieldOverrider", "fieldOverrider is not simulated by this validator"))
     for i, op in enumerate(overriders.get("plaintext") or []):
         try:
             json_patch(doc, op.get("operator"), op.get("path"), op.get("value"))
         except OverrideError as e:
-            raise OverrideError(f"{where}/plaintext/{i}: {e}") from e
+            raise OverrideError(str(e), f"{where}/plaintext/{i}") from e
     return notes
 
 
@@ -1133,8 +1140,8 @@ def effective(world: World, obj: Manifest, cluster: Cluster) -> tuple[dict[str, 
             for note_path, note in apply_overriders(doc, overriders, path):
                 problems.append(Problem(policy, note_path, f"{describe(obj)} in {cluster.name}: {note}"))
         except OverrideError as e:
-            problems.append(Problem(policy, path, f"{describe(obj)} in {cluster.name}: Karmada cannot apply this "
-                                                  f"override: {e}"))
+            problems.append(Problem(policy, e.where or path, f"{describe(obj)} in {cluster.name}: Karmada cannot "
+                                                             f"apply this override: {e}"))
     return doc, problems
 
 
@@ -1178,7 +1185,8 @@ def lua_forbidden_references(source: str) -> list[str]:
     code = _strip_lua_comments_and_strings(source)
     found = []
     for name in FORBIDDEN_GLOBALS:
-        if re.search(rf"(?<![.:\w]){name}\b", code):
+        # A read or call of the global, not a table field ({load = 1}, t.load).
+        if re.search(rf"(?<![.:\w]){name}\b(?!\s*=[^=])", code):
             found.append(name)
     for name in FORBIDDEN_STRING_FUNCTIONS:
         if re.search(rf"\bstring\s*\.\s*{name}\b", code) or re.search(rf":\s*{name}\s*\(", code):

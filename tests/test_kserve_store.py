@@ -15,6 +15,7 @@ import yaml
 from handler.video import probe_mp4
 from model_store.kserve_store import (
     CONFIG_FILE,
+    MODEL_CONFIG_DIR,
     MODEL_NAME,
     MODEL_VERSION,
     TEMPLATE,
@@ -36,6 +37,7 @@ from model_store.kserve_store import (
 from scripts.serve import ServerLayout, free_ports, start, stop
 from tests.conftest import SMALL
 
+TINY_CONFIG = MODEL_CONFIG_DIR / "tiny-ti2v.yaml"
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
 REQUEST = {"prompt": "a paper boat on a river", **SMALL}
 
@@ -125,12 +127,12 @@ def test_weights_are_copied_readable_for_the_server_user(tmp_path, server_weight
     shutil.copytree(server_weights / "tiny-ti2v-5b", source)
     some_file = next(p for p in source.rglob("*.safetensors"))
     some_file.chmod(0o600)  # as diffusers may save them
-    store = build_kserve_store("config/models/tiny-ti2v.yaml", tmp_path / "store", weights=source)
+    store = build_kserve_store(TINY_CONFIG, tmp_path / "store", weights=source)
     copied = store.weights_dir / some_file.relative_to(source)
     assert copied.read_bytes() == some_file.read_bytes()
     assert copied.stat().st_mode & 0o044 == 0o044
     with pytest.raises(StoreError, match="not a diffusers checkpoint"):
-        build_kserve_store("config/models/tiny-ti2v.yaml", tmp_path / "x", weights=tmp_path)
+        build_kserve_store(TINY_CONFIG, tmp_path / "x", weights=tmp_path)
 
 
 def test_inspect_refuses_a_folder_that_is_not_a_store(tmp_path):
@@ -171,7 +173,7 @@ def test_parse_s3_uri_refuses(uri):
 @pytest.fixture
 def tiny_store(tmp_path, server_weights):
     # Weights symlinked, as for a local upload of a big checkpoint: the uploader follows the link.
-    return build_kserve_store("config/models/tiny-ti2v.yaml", tmp_path / "store",
+    return build_kserve_store(TINY_CONFIG, tmp_path / "store",
                               weights=server_weights / "tiny-ti2v-5b", link_weights=True)
 
 
@@ -254,7 +256,7 @@ def _start_kserve_style(tmp_path_factory, server_weights, envelope: str):
     root = tmp_path_factory.mktemp(f"kserve-{envelope}")
     # The tiny model's config with distinctive timeouts: they reach TorchServe only through the
     # generated model_snapshot.
-    config = yaml.safe_load(Path("config/models/tiny-ti2v.yaml").read_text())
+    config = yaml.safe_load(TINY_CONFIG.read_text())
     config.update(responseTimeout=97, startupTimeout=113, minWorkers=1, maxWorkers=1)
     model_config = root / "tiny-kserve.yaml"
     model_config.write_text(yaml.safe_dump(config))

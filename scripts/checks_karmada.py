@@ -830,6 +830,7 @@ class World:
     crds: CrdSchemas
     clusters: tuple[Cluster, ...] = CLUSTERS
     _lua: KarmadaLua | None = field(default=None, repr=False)
+    _interpretations: dict[tuple[Path, int], Interpretation] = field(default_factory=dict, repr=False)
 
     @property
     def policies(self) -> list[Manifest]:
@@ -1505,8 +1506,8 @@ class Interpretation:
 
 def interpret(world: World, obj: Manifest) -> Interpretation:
     """Runs GetReplicas and GetDependencies on a shipped object, as Karmada would."""
-    key = ("karmada.interpretation", obj.path, obj.index)
-    cache = world.__dict__.setdefault("_interpretations", {})
+    key = (obj.path, obj.index)
+    cache = world._interpretations
     if key in cache:
         return cache[key]
     result = Interpretation()

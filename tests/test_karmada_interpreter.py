@@ -231,6 +231,17 @@ def test_accurate_pod_requirements_rejects_what_go_cannot_unmarshal(lua):
         lua.call(source, "F")
 
 
+def test_accurate_pod_requirements_with_the_resource_quota_estimate_gate():
+    """With ResourceQuotaEstimate on, Karmada also fills namespace and priorityClassName from the
+    template (GenerateReplicaRequirements)."""
+    lua = KarmadaLua(resource_quota_estimate=True)
+    source = """local kube = require("kube")
+    function F() return kube.accuratePodRequirements({metadata = {namespace = "wan"}, spec = {
+      priorityClassName = "wan-inference", containers = {{name = "x", resources = {limits = {cpu = "1"}}}}}}) end"""
+    requirement = lua.from_lua(lua.call(source, "F").values[0], struct=True)
+    assert requirement == {"resourceRequest": {"cpu": "1"}, "namespace": "wan", "priorityClassName": "wan-inference"}
+
+
 # -- the scripts ---------------------------------------------------------------------------------
 
 

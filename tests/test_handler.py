@@ -136,3 +136,20 @@ def test_streaming_goes_out_as_intermediate_responses(handler_and_context):
     assert [e["step"] for e in events] == [1, 2, 3]
     assert context.get_response_content_type(0) == "application/x-ndjson"
     assert json.loads(final)["event"] == "result"
+
+
+def test_kserve_v2_input_row_carries_the_request_as_json_text(handler_and_context):
+    handler, context = handler_and_context
+    _prepare(context)
+    row = {"name": "request", "shape": [1], "datatype": "BYTES", "data": json.dumps({"prompt": "a cat", "seed": 4})}
+    [reply] = handler.handle([row], context)
+    assert context.get_response_status(0)[0] == 200 and reply["seed"] == 4
+
+
+def test_several_instances_are_refused_before_any_generation(handler_and_context, monkeypatch):
+    handler, context = handler_and_context
+    _prepare(context)
+    monkeypatch.setattr(handler.service, "handle", lambda *a, **k: pytest.fail("must not generate"))
+    replies = handler.handle([{"prompt": "a"}, {"prompt": "b"}], context)
+    assert context.get_response_status(0)[0] == 400
+    assert len(replies) == 2 and replies[0]["error"]["field"] == "instances"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import shutil
 from pathlib import Path
 
@@ -316,6 +317,17 @@ def test_kserve_v1_protocol(kserve_v1):
     assert bad.json()["predictions"][0]["error"]["field"] == "num_frames"
 
 
+def test_kserve_v1_refuses_several_instances_and_a_missing_list(kserve_v1):
+    url = f"{kserve_v1.inference_url}/v1/models/wan:predict"
+    started = time.monotonic()
+    two = requests.post(url, json={"instances": [REQUEST, REQUEST]}, timeout=60)
+    assert two.status_code == 400 and time.monotonic() - started < 10  # refused before generating
+    assert "one instance per request" in two.json()["predictions"][0]["error"]["message"]
+    missing = requests.post(url, json={"prompt": "no envelope"}, timeout=60)
+    assert missing.status_code == 400
+    assert missing.json()["predictions"][0]["error"]["field"] == "instances"
+
+
 def _v2_body(request: dict) -> dict:
     """An Open Inference Protocol request: the JSON request as one BYTES element."""
     return {"id": "req-v2", "inputs": [{"name": "request", "shape": [1], "datatype": "BYTES",
@@ -330,11 +342,6 @@ def test_kserve_v2_protocol_wraps_the_answer_in_the_open_inference_protocol(kser
     assert output["name"] == "request" and output["datatype"] == "BYTES" and len(output["data"]) == 1
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "handler/wan_handler.py: under TS_SERVICE_ENVELOPE=kservev2 each row the handler receives is the OIP "
-    "input itself, {'name', 'shape', 'datatype', 'data': <first data element>}; _unwrap() passes that dict "
-    "on as the request, which is refused with 400 'unknown field(s): data, datatype, name, shape'. "
-    "The request is in row['data'] (a JSON string or object). Reported; handler/ is not ours to change."))
 def test_kserve_v2_protocol_generates_a_video(kserve_v2):
     response = requests.post(f"{kserve_v2.inference_url}/v2/models/wan/infer",
                              json=_v2_body(dict(REQUEST, seed=5)), timeout=120)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 import shutil
+import time
 from pathlib import Path
 
 import pytest

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: serve stop status test tiny-models archive clean
+.PHONY: serve stop status test tiny-models archive bench-cpu clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ tiny-models: $(STAMP)
 
 archive: $(STAMP)
 	$(PY) -m scripts.serve build
+
+# The CPU benchmark of BENCHMARKS.md (about a minute): tiny model, in-process vs TorchServe.
+bench-cpu: $(STAMP)
+	$(PY) -m scripts.benchmark --size tiny --width 256 --height 256 --num-frames 33 \
+		--checkpoint /tmp/cpu-bench --stages build,baseline,inprocess,torchserve --repeat 10 \
+		--out benchmarks/results/cpu-tiny-ti2v-256x256x33.json
 
 clean: stop
 	rm -rf .run weights model_store/wan

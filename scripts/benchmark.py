@@ -74,6 +74,8 @@ def _device_name(device: torch.device) -> str:
 
 
 def _git_commit() -> str:
+    if os.environ.get("WAN_GIT_COMMIT"):  # the GPU machines get a copy of the tree without .git
+        return os.environ["WAN_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
@@ -351,8 +353,11 @@ def _parse_setting(text: str) -> tuple[str, Any]:
 
 def print_summary(result: dict[str, Any]) -> None:
     print(f"\n{result['variant']} ({result['size']}) on {result['device']}: {result['request']}")
-    if "baseline" in result:
-        print(f"  plain diffusers: {result['baseline']['total_s']:.2f} s (peak {result['baseline']['peak_gpu_gib']} GiB)")
+    baseline = result.get("baseline", {})
+    if "skipped" in baseline:
+        print(f"  plain diffusers: skipped ({baseline['skipped']})")
+    elif baseline:
+        print(f"  plain diffusers: {baseline['total_s']:.2f} s (peak {baseline['peak_gpu_gib']} GiB)")
     if "inprocess" in result:
         r = result["inprocess"]
         print(f"  ours in-process: {r['wall_median_s']:.2f} s; denoise {r['denoise_median_s']:.2f} s "
@@ -362,8 +367,13 @@ def print_summary(result: dict[str, Any]) -> None:
         r = result["torchserve"]
         print(f"  through TorchServe: {r['latency_median_s']:.2f} s, overhead "
               f"{100 * r.get('overhead_vs_inprocess', float('nan')):.2f}%; cold start {r['cold_start_s']:.1f} s")
-    if "baseline" in result and "torchserve" in result:
+    if "total_s" in baseline and "torchserve" in result:
         print(f"  speed-up over plain diffusers: {result['baseline']['total_s'] / result['torchserve']['latency_median_s']:.2f}x")
+
+
+# One colour per stage in every panel.
+_STAGE_COLORS = {"generate": "#7f7f7f", "text_encode": "#9467bd", "denoise": "#1f77b4", "vae_decode": "#ff7f0e",
+                 "video_encode": "#2ca02c", "serving": "#d62728"}
 
 
 def chart(paths: list[str], out: str) -> None:
@@ -378,7 +388,7 @@ def chart(paths: list[str], out: str) -> None:
     stages = ("text_encode", "denoise", "vae_decode", "video_encode")
     for ax, result in zip(axes[0], results, strict=True):
         labels, stacks = [], []
-        if "baseline" in result:
+        if "total_s" in result.get("baseline", {}):
             labels.append("plain\ndiffusers")
             stacks.append({"generate": result["baseline"]["generate_s"], "video_encode": result["baseline"]["video_encode_s"]})
         if "inprocess" in result:
@@ -390,12 +400,11 @@ def chart(paths: list[str], out: str) -> None:
             inner = {s: statistics.median(r[f"{s}_s"] for r in ts["runs"]) for s in stages}
             inner["serving"] = max(0.0, ts["latency_median_s"] - sum(inner.values()))
             stacks.append(inner)
-        keys = ("generate", *stages, "serving")
         bottoms = [0.0] * len(stacks)
-        for key in keys:
+        for key, color in _STAGE_COLORS.items():
             values = [stack.get(key, 0.0) for stack in stacks]
             if any(values):
-                ax.bar(labels, values, bottom=bottoms, label=key.replace("_", " "))
+                ax.bar(labels, values, bottom=bottoms, label=key.replace("_", " "), color=color)
                 bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
         request = result["request"]
         ax.set_title(f"{result['variant']} {request['width']}x{request['height']}x{request['num_frames']}, "

@@ -91,6 +91,9 @@ class HandlerConfig:
     speed: SpeedOptions = field(default_factory=SpeedOptions)
     # torch intra-op threads per worker on CPU; None: the machine's cores / maxWorkers.
     cpu_threads: int | None = None
+    # A generation still running this many seconds after its request arrived stops itself at
+    # the next step (504), so TorchServe's responseTimeout never has to kill the worker.
+    deadline_s: float = 108.0
 
     def defaults_for(self, variant_defaults: GenerationDefaults) -> GenerationDefaults:
         return dataclasses.replace(variant_defaults, **self.default_overrides)
@@ -124,7 +127,23 @@ _DEFAULT_FIELD_TYPES = {
     "guidance_scale": float, "guidance_scale_2": float, "flow_shift": float,
     "negative_prompt": str,
 }
-_HANDLER_KEYS = {"model_path", "defaults", "limits", "video", "speed", "cpu_threads"}
+_HANDLER_KEYS = {"model_path", "defaults", "limits", "video", "speed", "cpu_threads", "deadline_s"}
+# TorchServe's responseTimeout when model-config.yaml does not set one.
+TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S = 120
+
+
+def _deadline(model_yaml: Mapping[str, Any], section: Mapping[str, Any]) -> float:
+    """handler.deadline_s, or responseTimeout less a margin for the VAE decode, encoding and
+    the answer: 10 % of it, at least 10 s."""
+    response_timeout = (model_yaml or {}).get("responseTimeout", TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S)
+    response_timeout = _check_type(response_timeout, float, "responseTimeout")
+    if "deadline_s" not in section:
+        return max(1.0, response_timeout - max(10.0, 0.1 * response_timeout))
+    deadline = _check_type(section["deadline_s"], float, "handler.deadline_s")
+    if not 0 < deadline < response_timeout:
+        raise ConfigError(f"handler.deadline_s must be above 0 and below responseTimeout ({response_timeout:g} s), "
+                          f"got {deadline:g}")
+    return deadline
 
 
 def load_handler_config(model_yaml: Mapping[str, Any] | None, model_dir: str | Path) -> HandlerConfig:
@@ -176,4 +195,5 @@ def load_handler_config(model_yaml: Mapping[str, Any] | None, model_dir: str | P
         video=_typed_section(VideoEncoding, section.get("video"), "handler.video"),
         speed=_typed_section(SpeedOptions, section.get("speed"), "handler.speed"),
         cpu_threads=cpu_threads,
+        deadline_s=_deadline(model_yaml, section),
     )

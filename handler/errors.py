@@ -61,6 +61,14 @@ class ConfigError(WanError):
     error_type = "config_error"
 
 
+class DeadlineExceeded(WanError):
+    """The generation ran past the per-request deadline and stopped itself, before
+    TorchServe's responseTimeout would kill (and restart) the worker."""
+
+    http_status = 504
+    error_type = "deadline_exceeded"
+
+
 class StorageReadError(WanError):
     """Object storage failed while reading a request's input (not the client's fault)."""
 

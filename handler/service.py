@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from handler.config import HandlerConfig, load_handler_config
-from handler.errors import InternalError, InvalidRequest, OutOfMemory, WanError
+from handler.errors import DeadlineExceeded, InternalError, InvalidRequest, OutOfMemory, WanError
 from handler.pipeline import WanVideoPipeline, pick_device
 from handler.request import GenerationRequest, OutputKind, parse_request
 from handler.storage import ObjectStore, StorageConfig, StorageUnavailable
@@ -50,7 +50,10 @@ def ndjson_line(event: Mapping[str, Any]) -> str:
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    # torch's CPU allocator raises a plain RuntimeError when an allocation fails.
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 class WanService:
@@ -117,14 +120,24 @@ class WanService:
         """Answer one request. Never raises: every failure becomes an error reply."""
         started = time.perf_counter()
         streaming = False
+        lines_sent = 0
         try:
             request = self.parse(body, enveloped)
             streaming = request.stream and emit is not None
 
             def on_step(step: int, total: int, elapsed_s: float) -> None:
+                since_arrival = time.perf_counter() - started
+                if since_arrival > self.config.deadline_s and step < total:
+                    raise DeadlineExceeded(
+                        f"stopped after step {step} of {total}, {since_arrival:.0f} s after the request arrived: "
+                        f"past this model's {self.config.deadline_s:.0f} s deadline; ask for fewer frames, "
+                        "fewer steps or a smaller size"
+                    )
+                nonlocal lines_sent
                 if streaming:
                     emit(ndjson_line({"event": "progress", "step": step, "total": total,
                                       "elapsed_s": round(elapsed_s, 3)}))
+                    lines_sent += 1
 
             result = self._generate(request, request_id, on_step, started)
             if request.output is OutputKind.MP4:
@@ -137,7 +150,7 @@ class WanService:
             return Reply(body=result)
         except Exception as exc:  # noqa: BLE001 - the one place where failures become responses
             error = self._as_wan_error(exc, request_id)
-            if streaming:
+            if lines_sent:
                 # Progress lines already went out with status 200: the error is the last line.
                 return Reply(body=ndjson_line({"event": "error", **error.to_body()}),
                              content_type=NDJSON_CONTENT_TYPE)

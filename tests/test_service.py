@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from handler.request import GenerationRequest, OutputKind
+from handler.service import WanService
 from handler.video import probe_mp4
 from tests.conftest import png_base64
 
@@ -168,3 +169,26 @@ def test_error_after_progress_is_the_last_stream_line(services, monkeypatch):
 def test_default_output_is_inline_without_storage(services):
     request = services["ti2v-5b"].parse({"prompt": "x"})
     assert request.output is OutputKind.INLINE
+
+
+def test_generation_past_its_deadline_stops_itself_with_504(services):
+    import dataclasses
+
+    base = services["ti2v-5b"]
+    hurried = WanService(dataclasses.replace(base.config, deadline_s=0.0001), base.pipeline)
+    lines: list[str] = []
+    reply = hurried.handle({"prompt": "x", "num_inference_steps": 5}, "r-slow")
+    assert reply.status == 504 and reply.body["error"]["type"] == "deadline_exceeded"
+    assert "step 1 of 5" in reply.body["error"]["message"]
+    # Nothing streamed yet: a plain 504, not a 200 stream with an error line.
+    streamed = hurried.handle({"prompt": "x", "num_inference_steps": 5, "stream": True}, "r-slow-2", lines.append)
+    assert streamed.status == 504 and streamed.body["error"]["type"] == "deadline_exceeded" and lines == []
+    assert base.handle({"prompt": "x"}, "r-next").status == 200
+
+
+def test_deadline_defaults_to_response_timeout_less_a_margin():
+    from handler.config import load_handler_config
+
+    assert load_handler_config({"responseTimeout": 900, "handler": {"model_path": "/m"}}, "/").deadline_s == 810
+    assert load_handler_config({"responseTimeout": 60, "handler": {"model_path": "/m"}}, "/").deadline_s == 50
+    assert load_handler_config({"handler": {"model_path": "/m"}}, "/").deadline_s == 108

@@ -36,9 +36,16 @@ DEFAULT_PATHS = (REPO_ROOT / "kserve", REPO_ROOT / "karmada")
 KUBERNETES_VERSION = "1.33"
 
 
+# Where the team's workspace keeps the CRDs, for clones that do not sit next to shared/.
+WORKSPACE_CRD_DIR = Path("/work/shared/crds")
+
+
 def default_crd_dir() -> Path:
-    """$WAN_CRD_DIR, else ../shared/crds next to the repo."""
-    return Path(os.environ.get("WAN_CRD_DIR") or REPO_ROOT.parent / "shared" / "crds")
+    """$WAN_CRD_DIR, else ../shared/crds next to the repo, else the workspace's shared/crds."""
+    if os.environ.get("WAN_CRD_DIR"):
+        return Path(os.environ["WAN_CRD_DIR"])
+    beside = REPO_ROOT.parent / "shared" / "crds"
+    return beside if beside.is_dir() or not WORKSPACE_CRD_DIR.is_dir() else WORKSPACE_CRD_DIR
 
 
 @dataclass(frozen=True)

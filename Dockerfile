@@ -12,6 +12,9 @@
 # NVIDIA driver that supports CUDA 13.0 (580 or newer). The torch version must equal the pin in
 # constraints.txt (tests/test_dockerfile.py checks it).
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
+# checkov reads `FROM ${CUDA_IMAGE}` as an image without a tag; the ARG above pins it
+# (tests/test_dockerfile.py checks the pin and that torch's CUDA build matches it).
+# checkov:skip=CKV_DOCKER_7: the base image is pinned through ARG CUDA_IMAGE, which checkov does not expand
 
 # -- build: a virtual environment with CUDA torch, TorchServe, diffusers and our package ----------
 FROM ${CUDA_IMAGE} AS build
@@ -52,14 +55,26 @@ RUN apt-get update \
 RUN if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
     && useradd --uid 1000 --user-group --create-home --home-dir /home/model-server --shell /bin/bash model-server
 COPY --from=build /opt/venv /opt/venv
+# The manifests (kserve/) run this image with a read-only root filesystem: everything TorchServe,
+# Python, torch, Triton and CUDA write goes to three writable mounts, /tmp (TMPDIR, TEMP =
+# java.io.tmpdir), $HOME/logs (LOG_LOCATION, METRICS_LOCATION) and $HOME/.cache (XDG_CACHE_HOME
+# and every cache below it). No bytecode is written next to the code or the handler.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
-    HF_HOME=/home/model-server/.cache/huggingface \
+    HOME=/home/model-server \
+    TMPDIR=/tmp \
+    TEMP=/tmp \
     LOG_LOCATION=/home/model-server/logs \
-    METRICS_LOCATION=/home/model-server/logs
+    METRICS_LOCATION=/home/model-server/logs \
+    XDG_CACHE_HOME=/home/model-server/.cache \
+    HF_HOME=/home/model-server/.cache/huggingface \
+    TORCHINDUCTOR_CACHE_DIR=/home/model-server/.cache/torchinductor \
+    TRITON_HOME=/home/model-server/.cache \
+    TRITON_CACHE_DIR=/home/model-server/.cache/triton \
+    CUDA_CACHE_PATH=/home/model-server/.cache/nv
 # Numeric, so that Kubernetes can verify runAsNonRoot.
 USER 1000:1000
 WORKDIR /home/model-server

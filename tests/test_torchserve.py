@@ -154,9 +154,16 @@ def test_scale_to_two_workers_and_back(torchserve):
 
 
 def test_model_registration_over_the_api_is_off(torchserve):
-    response = requests.post(f"{torchserve.layout.management_url}/models?url=wan.mar",
-                             headers=torchserve.headers("management"), timeout=10)
-    assert response.status_code >= 400
+    """enable_model_api=false: register and delete are refused as methods (405), with the
+    management key, before any URL is looked at; with the API on, a bad URL would be a 400/404."""
+    management, headers = torchserve.layout.management_url, torchserve.headers("management")
+    for method, path in (("POST", "/models?url=wan.mar"), ("POST", "/models?url=https://example.com/wan.mar"),
+                         ("POST", "/models?url=file:///etc/passwd"), ("DELETE", "/models/wan"),
+                         ("DELETE", "/models/wan/1.0")):
+        response = requests.request(method, f"{management}{path}", headers=headers, timeout=10)
+        assert (response.status_code, response.json()["type"]) == (405, "MethodNotAllowedException"), \
+            (method, path, response.text)
+    assert [w["status"] for w in torchserve.describe()["workers"]] == ["READY"]
 
 
 def test_client_streams_progress_and_saves_the_video(torchserve, tmp_path):

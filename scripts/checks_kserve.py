@@ -12,7 +12,8 @@ will apply. Checked:
   ``storageUri`` is well formed and points at this variant's store; S3 credentials are wired
   (ServiceAccount -> Secret with the s3 annotations); replicas, ``containerConcurrency`` and
   ``timeout`` agree with TorchServe's workers and responseTimeout; Knative's progress deadline
-  covers startupTimeout; a GPU limit and a GPU node selector; a pinned image.
+  covers startupTimeout; a GPU limit and a GPU node selector; CPU and memory limits (KServe would
+  fill missing ones with its defaults, below our requests); a pinned image.
 - Serving runtimes: the container, its single port, probes and metrics annotation agree with
   config.properties; the start command reads KServe's layout.
 - config/kserve/config.properties itself: what KServe relies on (envvars, no token auth with
@@ -180,12 +181,12 @@ def _duration_s(text: str) -> float | None:
     return sum(float(n) * factor[u] for n, u in parts)
 
 
-_QUANTITY = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+_QUANTITY = {"": 1, "m": 10**-3, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
              "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
 
 
 def _quantity(value: Any) -> float | None:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?", str(value).strip())
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|m|k|M|G|T|P)?", str(value).strip())
     return float(match.group(1)) * _QUANTITY[match.group(2) or ""] if match else None
 
 
@@ -331,6 +332,24 @@ def _effective_container(isvc: Manifest, runtime: Manifest | None) -> dict[str, 
     return {"env": env, "resources": resources, "image": model.get("image") or base.get("image")}
 
 
+def _limit_problems(isvc: Manifest, model: dict[str, Any]) -> list[Problem]:
+    """CPU and memory limits on the model itself: KServe's webhook fills a missing one from its
+    inferenceservice-config (1 CPU and 2Gi by default) before the runtime's are merged, so a
+    request above that default makes the pod invalid."""
+    resources = model.get("resources") or {}
+    requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
+    where = "/spec/predictor/model/resources/limits"
+    problems = []
+    for name in ("cpu", "memory"):
+        if name not in limits:
+            problems.append(Problem(isvc, where, f"no {name} limit: KServe fills it from its inferenceservice-config "
+                                                 "(1 CPU and 2Gi by default), whatever the runtime says, and a "
+                                                 "request above it makes the pod invalid"))
+        elif name in requests and (_quantity(limits[name]) or 0) < (_quantity(requests[name]) or 0):
+            problems.append(Problem(isvc, where, f"{name} limit {limits[name]} is below the request {requests[name]}"))
+    return problems
+
+
 def _storage_problems(isvc: Manifest, variant: str | None) -> list[Problem]:
     where = "/spec/predictor/model/storageUri"
     uri = isvc.get("spec", "predictor", "model", "storageUri")
@@ -460,6 +479,7 @@ def check_inference_services(manifests: list[Manifest], context: Context) -> lis
             problems.append(Problem(isvc, "/spec/predictor/model/image",
                                     f"image {image!r} is not pinned to a tag or digest"))
 
+        problems += _limit_problems(isvc, model)
         problems += _storage_problems(isvc, variant)
         problems += _credential_problems(isvc, manifests)
         problems += _scaling_problems(isvc, predictor, snapshot)

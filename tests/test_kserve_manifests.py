@@ -24,6 +24,8 @@ BROKEN_CASES = {
     "wrong-field.yaml": ("/spec/predictor/model",
                          "Additional properties are not allowed ('storageURI' was unexpected)"),
     "missing-gpu.yaml": ("/spec/predictor/model/resources/limits", "no nvidia.com/gpu limit"),
+    "no-cpu-limit.yaml": ("/spec/predictor/model/resources/limits",
+                          "no cpu limit: KServe fills it from its inferenceservice-config"),
     "timeout-shorter-than-torchserve.yaml": (
         "/spec/predictor/timeout",
         "timeout 600 s is shorter than TorchServe's responseTimeout 900 s (config/models/ti2v-5b.yaml)"),

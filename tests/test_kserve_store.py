@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -270,9 +271,18 @@ def _start_kserve_style(tmp_path_factory, server_weights, envelope: str):
         snapshot_models=True,
     )
     # torchserve --start --ncs --model-store=<store>/model-store --ts-config=<store>/config/config.properties,
-    # no --models: the model comes from the model_snapshot. TS_SERVICE_ENVELOPE as the runtime sets it.
-    start(layout, timeout_s=240, extra_env={"TS_SERVICE_ENVELOPE": envelope})
+    # no --models: the model comes from the model_snapshot. TS_SERVICE_ENVELOPE as the runtime sets it;
+    # no bytecode next to the handler, as the image sets it (the store is read-only in the pod).
+    start(layout, timeout_s=240, extra_env={"TS_SERVICE_ENVELOPE": envelope,
+                                            "PYTHONDONTWRITEBYTECODE": _image_env()["PYTHONDONTWRITEBYTECODE"]})
     return layout
+
+
+def _image_env() -> dict[str, str]:
+    from tests.test_dockerfile import stages
+
+    text = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text()
+    return {k: v for keyword, rest in stages(text)[-1] if keyword == "ENV" for k, v in re.findall(r"(\w+)=(\S+)", rest)}
 
 
 @pytest.fixture(scope="module")
@@ -302,6 +312,19 @@ def test_no_token_needed_as_for_kserves_probes(kserve_v1):
     assert requests.get(f"{kserve_v1.inference_url}/ping", timeout=10).json()["status"] == "Healthy"
     metrics = requests.get(f"{kserve_v1.metrics_url}/metrics", timeout=10)
     assert metrics.status_code == 200 and "# TYPE" in metrics.text
+
+
+def test_the_server_writes_neither_its_working_directory_nor_the_store(kserve_v1):
+    """In the pod both are read-only (the image's WORKDIR on a read-only root filesystem, the store
+    KServe mounts at /mnt/models): TorchServe writes only to TEMP/TMPDIR and LOG_LOCATION, here
+    run/tmp and run/logs, the pod's emptyDir mounts. After a generation, nothing else appeared."""
+    response = requests.post(f"{kserve_v1.inference_url}/v1/models/wan:predict",
+                             json={"instances": [dict(REQUEST, seed=3)]}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert {p.name for p in kserve_v1.run_dir.iterdir()} <= {"tmp", "logs", "torchserve.out"}  # ours: the output
+    store = kserve_v1.model_store.parent
+    written = [p for p in store.rglob("*") if p.name in ("__pycache__", "key_file.json", "logs") or p.suffix == ".pyc"]
+    assert written == []
 
 
 def test_kserve_v1_protocol(kserve_v1):

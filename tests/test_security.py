@@ -13,8 +13,10 @@
 
 Elsewhere, not repeated here: the numeric non-root USER and HF_HUB_OFFLINE=1
 (tests/test_dockerfile.py), the inference key demanded even on /ping and registration over the
-management API refused by a running server (tests/test_torchserve.py), no key file with the
-KServe config (tests/test_kserve_store.py), no credentials in manifests (scripts/checks_kserve.py).
+management API refused by a running server (tests/test_torchserve.py), no key file, no bytecode
+and nothing in the working directory or the store from a server with the KServe config
+(tests/test_kserve_store.py), no credentials in manifests and CPU/memory limits on every
+InferenceService (scripts/checks_kserve.py).
 """
 
 from __future__ import annotations

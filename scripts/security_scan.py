@@ -95,6 +95,7 @@ class Scan:
     accepted: list[Result] = field(default_factory=list)
     passed: list[Result] = field(default_factory=list)
     resource_count: int = 0
+    checkov_version: str = ""
 
 
 # -- rendering the predictor pods ----------------------------------------------------------
@@ -224,7 +225,9 @@ def run_checkov(files: Iterable[Path | str], frameworks: Iterable[str], repo_roo
 def _results(reports: list[dict], rendered: dict[Path, str], repo_root: Path) -> Scan:
     scan = Scan()
     for report in reports:
-        scan.resource_count += int((report.get("summary") or report).get("resource_count", 0))
+        summary = report.get("summary") or report
+        scan.resource_count += int(summary.get("resource_count", 0))
+        scan.checkov_version = str(summary.get("checkov_version", scan.checkov_version))
         for kind, bucket in (("failed_checks", scan.failed), ("skipped_checks", scan.accepted),
                              ("passed_checks", scan.passed)):
             for r in (report.get("results") or {}).get(kind, []):
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = unexplained(result.accepted)
     for r in bad:
         print(f"[accepted without a reason] {r}")
-    print(f"checkov: {len(result.passed)} passed, {len(result.failed)} failed, {len(result.accepted)} accepted "
+    print(f"checkov {result.checkov_version}: {len(result.passed)} passed, {len(result.failed)} failed, {len(result.accepted)} accepted "
           f"({result.resource_count} resources)", file=sys.stderr)
     return 1 if result.failed or bad else 0
 

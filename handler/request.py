@@ -103,23 +103,34 @@ def decode_body(body: Any, limits: RequestLimits) -> dict[str, Any]:
     return body
 
 
+def _show(value: Any) -> str:
+    """A client's value as quoted in an error message: short, and cheap for any value (rendering
+    a nested array with json.dumps can recurse past Python's limit: a 500 instead of a 400)."""
+    if isinstance(value, (dict, list)):
+        return "an object" if isinstance(value, dict) else "an array"
+    if isinstance(value, str):
+        return json.dumps(value[:40]) + ("..." if len(value) > 40 else "")
+    text = json.dumps(value) if not isinstance(value, int) or isinstance(value, bool) else str(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
 def _int(body: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
     value = body.get(name, default)
     # bool is an int in Python; true as a width is a client bug, not 1.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"{name} must be an integer, got {json.dumps(value)[:40]}", name)
+        raise InvalidRequest(f"{name} must be an integer, got {_show(value)}", name)
     if not low <= value <= high:
-        raise InvalidRequest(f"{name} must be between {low} and {high}, got {value}", name)
+        raise InvalidRequest(f"{name} must be between {low} and {high}, got {_show(value)}", name)
     return value
 
 
 def _number(body: Mapping[str, Any], name: str, default: float, high: float) -> float:
     value = body.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequest(f"{name} must be a number, got {json.dumps(value)[:40]}", name)
+        raise InvalidRequest(f"{name} must be a number, got {_show(value)}", name)
     if isinstance(value, int) and not -high <= value <= high:
         # Checked as an int: a huge JSON integer does not even convert to a float.
-        raise InvalidRequest(f"{name} must be between 0 and {high}, got {str(value)[:40]}", name)
+        raise InvalidRequest(f"{name} must be between 0 and {high}, got {_show(value)}", name)
     if not math.isfinite(value):
         raise InvalidRequest(f"{name} must be a finite number, got {value}", name)
     if not 0 <= value <= high:
@@ -137,6 +148,12 @@ def _text(body: Mapping[str, Any], name: str, default: str | None, max_chars: in
         raise InvalidRequest(f"{name} is {len(value)} characters, over the {max_chars} limit", name)
     if "\x00" in value:
         raise InvalidRequest(f"{name} contains a NUL character", name)
+    try:
+        # JSON can carry lone UTF-16 surrogates ("\ud800"); no UTF-8 consumer (the tokenizer, the
+        # result's JSON sidecar in S3) can take them.
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{name} is not valid Unicode text (it holds a lone UTF-16 surrogate)", name) from None
     return value
 
 
@@ -180,9 +197,9 @@ def parse_request(
     body = decode_body(body, limits)
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
-        raise InvalidRequest(
-            f"unknown field(s): {', '.join(unknown)}; accepted fields: {', '.join(FIELDS)}", unknown[0]
-        )
+        shown = ", ".join(name if len(name) <= 40 else name[:40] + "..." for name in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise InvalidRequest(f"unknown field(s): {shown}{more}; accepted fields: {', '.join(FIELDS)}", unknown[0])
     # JSON null means "not given" for every optional field (generated clients send nulls).
     body = {name: value for name, value in body.items() if value is not None}
 
@@ -254,17 +271,20 @@ def parse_request(
 
     output_value = body.get("output", OutputKind.URL.value if storage_configured else OutputKind.INLINE.value)
     try:
+        if not isinstance(output_value, str):
+            # Before the Enum lookup: its error message is a repr(), which recurses with the value.
+            raise TypeError
         output = OutputKind(output_value)
     except (ValueError, TypeError):
         raise InvalidRequest(
-            f"output must be one of {', '.join(k.value for k in OutputKind)}, got {json.dumps(output_value)[:40]}", "output"
+            f"output must be one of {', '.join(k.value for k in OutputKind)}, got {_show(output_value)}", "output"
         ) from None
     if output is OutputKind.URL and not storage_configured:
         raise InvalidRequest("output 'url' needs object storage, and this server has none configured (WAN_S3_BUCKET)", "output")
 
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise InvalidRequest(f"stream must be true or false, got {json.dumps(stream)[:40]}", "stream")
+        raise InvalidRequest(f"stream must be true or false, got {_show(stream)}", "stream")
     if stream and output is OutputKind.MP4:
         raise InvalidRequest("stream: true answers in NDJSON lines; use output 'inline' or 'url' with it", "output")
 

@@ -150,11 +150,13 @@ class WanService:
             return Reply(body=result)
         except Exception as exc:  # noqa: BLE001 - the one place where failures become responses
             error = self._as_wan_error(exc, request_id)
-            if lines_sent:
-                # Progress lines already went out with status 200: the error is the last line.
-                return Reply(body=ndjson_line({"event": "error", **error.to_body()}),
-                             content_type=NDJSON_CONTENT_TYPE)
-            return Reply(body=error.to_body(), status=error.http_status)
+        if isinstance(error, OutOfMemory):
+            # Out of the except block: the traceback, and the tensors its frames held, are gone.
+            self.pipeline.release_memory()
+        if lines_sent:
+            # Progress lines already went out with status 200: the error is the last line.
+            return Reply(body=ndjson_line({"event": "error", **error.to_body()}), content_type=NDJSON_CONTENT_TYPE)
+        return Reply(body=error.to_body(), status=error.http_status)
 
     def _as_wan_error(self, exc: Exception, request_id: str) -> WanError:
         if isinstance(exc, WanError):
@@ -162,7 +164,6 @@ class WanService:
                 log.error("request %s failed: %s", request_id, exc.message)
             return exc
         if _is_out_of_memory(exc):
-            self.pipeline.release_memory()
             log.error("request %s ran out of memory: %s", request_id, exc)
             return OutOfMemory(f"out of memory generating this video ({exc.__class__.__name__}); "
                                "try a smaller size or fewer frames")

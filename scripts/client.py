@@ -97,11 +97,17 @@ class WanClient:
             return Result(response={"seed": response.headers.get("x-wan-seed")}, mp4=response.content)
         if body.get("stream"):
             final = None
-            for event in iter_ndjson(response):
-                if event.get("event") == "progress" and on_progress is not None:
-                    on_progress(event)
-                elif event.get("event") in ("result", "error"):
-                    final = event
+            try:
+                for event in iter_ndjson(response):
+                    if event.get("event") == "progress" and on_progress is not None:
+                        on_progress(event)
+                    elif event.get("event") in ("result", "error"):
+                        final = event
+            except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError) as exc:
+                # What a client sees when the worker dies mid-generation: TorchServe resets the
+                # connection of a stream it had already started (status 200).
+                raise ServerError(response.status_code, "the stream broke off before the result (the "
+                                  "server's worker may have died); the request can be sent again") from exc
             if final is None:
                 raise ServerError(response.status_code, "stream ended without a result")
             if final["event"] == "error":

@@ -55,5 +55,10 @@ bench-cpu: $(STAMP)
 		--checkpoint /tmp/cpu-bench --stages build,baseline,inprocess,torchserve --repeat 10 \
 		--out benchmarks/results/cpu-tiny-ti2v-256x256x33.json
 
+# The reliability campaign of RELIABILITY.md (about 15 minutes): load, faults, hostile input, each
+# on a fresh TorchServe. make test runs the same scenarios at --quick sizes.
+campaign: $(STAMP)
+	$(PY) -m scripts.campaign --out reliability/results/campaign.json
+
 clean: stop
 	rm -rf .run weights model_store/wan

@@ -82,6 +82,23 @@ class SpeedOptions:
 
 
 @dataclass(frozen=True)
+class ParallelOptions:
+    """How one worker spread over several GPUs (torchrun ranks) splits a generation. Only read
+    when TorchServe starts the worker with torchrun (model-config.yaml's ``torchrun`` section)."""
+
+    # Run the conditional and unconditional forwards of each guided step on two halves of the
+    # ranks at once (when the rank count is even); the rest of the split goes to the sequence.
+    cfg_split: bool = True
+    # A rank waits this long in a collective for the others before giving up (then the worker
+    # restarts). Above the longest single step, far below responseTimeout.
+    collective_timeout_s: float = 300.0
+
+    def __post_init__(self):
+        if self.collective_timeout_s <= 0:
+            raise ConfigError("handler.parallel.collective_timeout_s must be above 0")
+
+
+@dataclass(frozen=True)
 class HandlerConfig:
     model_path: Path
     # Overrides of the variant's defaults table, by GenerationDefaults field name.
@@ -89,6 +106,7 @@ class HandlerConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     video: VideoEncoding = field(default_factory=VideoEncoding)
     speed: SpeedOptions = field(default_factory=SpeedOptions)
+    parallel: ParallelOptions = field(default_factory=ParallelOptions)
     # torch intra-op threads per worker on CPU; None: the machine's cores / maxWorkers.
     cpu_threads: int | None = None
     # A generation still running this many seconds after its request arrived stops itself at
@@ -127,7 +145,7 @@ _DEFAULT_FIELD_TYPES = {
     "guidance_scale": float, "guidance_scale_2": float, "flow_shift": float,
     "negative_prompt": str,
 }
-_HANDLER_KEYS = {"model_path", "defaults", "limits", "video", "speed", "cpu_threads", "deadline_s"}
+_HANDLER_KEYS = {"model_path", "defaults", "limits", "video", "speed", "parallel", "cpu_threads", "deadline_s"}
 # TorchServe's responseTimeout when model-config.yaml does not set one.
 TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S = 120
 
@@ -194,6 +212,7 @@ def load_handler_config(model_yaml: Mapping[str, Any] | None, model_dir: str | P
         limits=_typed_section(RequestLimits, section.get("limits"), "handler.limits"),
         video=_typed_section(VideoEncoding, section.get("video"), "handler.video"),
         speed=_typed_section(SpeedOptions, section.get("speed"), "handler.speed"),
+        parallel=_typed_section(ParallelOptions, section.get("parallel"), "handler.parallel"),
         cpu_threads=cpu_threads,
         deadline_s=_deadline(model_yaml, section),
     )

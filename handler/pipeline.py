@@ -28,7 +28,8 @@ from diffusers import WanImageToVideoPipeline, WanPipeline
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 from handler.config import SpeedOptions
-from handler.errors import InvalidRequest, ModelLoadError
+from handler.errors import DeadlineExceeded, InvalidRequest, ModelLoadError
+from handler.parallel import CfgSplitHook, RankGroup
 from handler.request import GenerationRequest, OutputKind
 from handler.variants import GenerationDefaults, VariantSpec, detect_variant
 
@@ -43,8 +44,13 @@ StepCallback = Callable[[int, int, float], None]
 
 @dataclass(frozen=True)
 class Generated:
-    frames: np.ndarray  # uint8 (F, H, W, 3)
+    frames: np.ndarray | None  # uint8 (F, H, W, 3); None on the ranks that do not decode
     timings_s: dict[str, float]
+
+
+class CollectiveBroken(Exception):
+    """A rank failed while the others may wait for it in a collective: this worker's ranks
+    cannot run together again. ``__cause__`` is the failure."""
 
 
 def pick_device(gpu_id: int | None) -> torch.device:
@@ -113,17 +119,22 @@ class ExpertSwap:
         self.swaps += 1
 
 
-def _apply_speed_options(pipe, speed: SpeedOptions, device: torch.device) -> ExpertSwap | None:
-    """Attention backend, expert placement and regional compilation, on the loaded pipeline."""
+def _apply_speed_options(pipe, speed: SpeedOptions, device: torch.device,
+                         group: RankGroup | None = None) -> tuple[ExpertSwap | None, list[CfgSplitHook]]:
+    """Attention backend, splitting over ranks, expert placement and regional compilation, on
+    the loaded pipeline. Returns the expert swap (if any) and the guidance-split hooks."""
     if speed.vae_tiling:
         pipe.vae.enable_tiling()
-    if device.type != "cuda":
-        return None
-    torch.backends.cuda.matmul.allow_tf32 = speed.tf32
-    torch.backends.cudnn.allow_tf32 = speed.tf32 or torch.backends.cudnn.allow_tf32
     experts = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
-    for expert in experts:
-        expert.set_attention_backend(speed.attention_backend)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = speed.tf32
+        torch.backends.cudnn.allow_tf32 = speed.tf32 or torch.backends.cudnn.allow_tf32
+        for expert in experts:
+            expert.set_attention_backend(speed.attention_backend)
+    # Before compiling: the split hooks must be inside what gets compiled.
+    hooks = [hook for hook in (group.enable_on(expert) for expert in experts) if hook] if group else []
+    if device.type != "cuda":
+        return None, hooks
     swap = None
     if len(experts) == 2:
         weights = sum(_module_bytes(m) for m in (*experts, pipe.text_encoder, pipe.vae))
@@ -139,16 +150,19 @@ def _apply_speed_options(pipe, speed: SpeedOptions, device: torch.device) -> Exp
     if speed.compile:
         for expert in experts:
             expert.compile_repeated_blocks(fullgraph=True)
-    return swap
+    return swap, hooks
 
 
 class WanVideoPipeline:
-    """One loaded Wan2.2 checkpoint, ready to generate on one device."""
+    """One loaded Wan2.2 checkpoint, ready to generate on one device, or as one rank of a
+    worker spread over several (``group``; see handler/parallel.py)."""
 
     def __init__(self, text_pipe: WanPipeline | WanImageToVideoPipeline, spec: VariantSpec,
-                 defaults: GenerationDefaults, device: torch.device, speed: SpeedOptions | None = None):
+                 defaults: GenerationDefaults, device: torch.device, speed: SpeedOptions | None = None,
+                 group: RankGroup | None = None):
         self.spec = spec
         self.device = device
+        self.group = group
         self.text_pipe = text_pipe
         # Image-conditioned requests need the I2V pipeline class. For TI2V-5B it shares every
         # module with the text pipeline (no extra memory); for I2V-A14B it is the same object.
@@ -172,11 +186,12 @@ class WanVideoPipeline:
             pipe.scheduler = _with_flow_shift(pipe.scheduler, defaults.flow_shift)
             pipe.register_to_config(boundary_ratio=spec.boundary_ratio)
         self._check_size_multiple()
-        self.expert_swap = _apply_speed_options(text_pipe, speed or SpeedOptions(), device)
+        self.expert_swap, self.cfg_hooks = _apply_speed_options(text_pipe, speed or SpeedOptions(), device, group)
 
     @classmethod
     def load(cls, model_path: str | Path, defaults_for: Callable[[GenerationDefaults], GenerationDefaults],
-             device: torch.device, speed: SpeedOptions | None = None) -> WanVideoPipeline:
+             device: torch.device, speed: SpeedOptions | None = None,
+             group: RankGroup | None = None) -> WanVideoPipeline:
         """Load a checkpoint folder: bf16 on GPU, fp32 on CPU; the VAE in ``speed.vae_dtype``.
 
         On a GPU the safetensors are read straight into device memory (``device_map``), with no
@@ -203,7 +218,7 @@ class WanVideoPipeline:
             pipe.hf_device_map = None
         else:
             pipe.to(device)
-        return cls(pipe, spec, defaults_for(spec.defaults), device, speed)
+        return cls(pipe, spec, defaults_for(spec.defaults), device, speed, group)
 
     def warm_up(self, defaults: GenerationDefaults) -> float:
         """One short generation at the default size, touching every expert: compiles the
@@ -255,10 +270,43 @@ class WanVideoPipeline:
                 f"{field} is {count} tokens; the text encoder reads at most {MAX_PROMPT_TOKENS}", field
             )
 
+    def check_split(self, req: GenerationRequest) -> None:
+        """On several ranks: refuse (400) a size whose tokens do not split evenly over them."""
+        if self.group is None:
+            return
+        pipe = self.text_pipe
+        patch_t, patch_h, patch_w = pipe.transformer.config.patch_size
+        latent_frames = (req.num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+        tokens = (latent_frames // patch_t) * (req.height // pipe.vae_scale_factor_spatial // patch_h) * (
+            req.width // pipe.vae_scale_factor_spatial // patch_w)
+        self.group.check_tokens(tokens, f"{req.width}x{req.height} with {req.num_frames} frames")
+
     @torch.inference_mode()
     def generate(self, req: GenerationRequest, on_step: StepCallback | None = None) -> Generated:
+        """Text encode, denoise, decode. With several ranks every rank calls this for the same
+        request; the ranks other than the leader stop before the decode (``frames`` None)."""
         started = time.perf_counter()
         pipe = self.image_pipe if req.image is not None else self.text_pipe
+        if self.group is None:
+            latents, timings = self._denoise(pipe, req, on_step)
+        else:
+            try:
+                latents, timings = self._denoise(pipe, req, on_step)
+            except DeadlineExceeded:
+                raise  # agreed by every rank at the same step: they are in step again
+            except Exception as exc:
+                raise CollectiveBroken(f"{exc.__class__.__name__}: {exc}") from exc
+            if not self.group.is_leader:
+                return Generated(frames=None, timings_s=timings)
+        # The other ranks are done with this request: a failure from here on is the leader's alone.
+        mark = time.perf_counter()
+        frames = self._decode(pipe, latents)
+        timings["vae_decode_s"] = time.perf_counter() - mark
+        timings["generate_s"] = time.perf_counter() - started
+        return Generated(frames=frames, timings_s=timings)
+
+    def _denoise(self, pipe, req: GenerationRequest, on_step: StepCallback | None) -> tuple[torch.Tensor, dict]:
+        """Text encoding and the denoising loop: the part every rank runs together."""
         timings: dict[str, float] = {}
         # diffusers turns classifier-free guidance on for both experts when guidance_scale > 1.
         use_cfg = req.guidance_scale > 1.0
@@ -274,12 +322,23 @@ class WanVideoPipeline:
         timings["text_encode_s"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        # A CPU generator gives the same noise for a seed on any device.
+        # A CPU generator gives the same noise for a seed on any device (and on every rank).
         generator = torch.Generator(device="cpu").manual_seed(req.seed)
+        for hook in self.cfg_hooks:
+            hook.begin(negative_embeds if use_cfg else None)
 
         def step_end(_pipe, step_index, _timestep, _tensors):
-            if on_step is not None:
-                on_step(step_index + 1, req.num_inference_steps, time.perf_counter() - mark)
+            stop = None
+            try:
+                if on_step is not None:
+                    on_step(step_index + 1, req.num_inference_steps, time.perf_counter() - mark)
+            except DeadlineExceeded as exc:
+                stop = exc
+            # Every rank stops at the same step, or none does (the others would wait forever).
+            if self.group is not None and self.group.agree_to_stop(stop is not None) and stop is None:
+                stop = DeadlineExceeded(f"stopped after step {step_index + 1} with the leading rank")
+            if stop is not None:
+                raise stop
             return {}
 
         kwargs = {
@@ -301,12 +360,7 @@ class WanVideoPipeline:
             kwargs["image"] = req.image
         latents = pipe(**kwargs)[0]
         timings["denoise_s"] = time.perf_counter() - mark
-
-        mark = time.perf_counter()
-        frames = self._decode(pipe, latents)
-        timings["vae_decode_s"] = time.perf_counter() - mark
-        timings["generate_s"] = time.perf_counter() - started
-        return Generated(frames=frames, timings_s=timings)
+        return latents, timings
 
     def _decode(self, pipe, latents: torch.Tensor) -> np.ndarray:
         vae = pipe.vae

@@ -21,7 +21,8 @@ import torch
 
 from handler.config import HandlerConfig, load_handler_config
 from handler.errors import DeadlineExceeded, InternalError, InvalidRequest, OutOfMemory, WanError
-from handler.pipeline import WanVideoPipeline, pick_device
+from handler.parallel import EXIT_AFTER_REPLY_S, RankGroup
+from handler.pipeline import CollectiveBroken, WanVideoPipeline, pick_device
 from handler.request import GenerationRequest, OutputKind, parse_request
 from handler.storage import ObjectStore, StorageConfig, StorageUnavailable
 from handler.video import MP4_CONTENT_TYPE, encode_mp4
@@ -74,14 +75,16 @@ class WanService:
                           gpu_id: int | None = None, model: Mapping[str, str] | None = None) -> WanService:
         """Start from model-config.yaml as TorchServe hands it over (storage from the environment)."""
         config = load_handler_config(model_yaml, model_dir)
-        device = pick_device(gpu_id)
+        # Started by torchrun (model-config.yaml's torchrun section): one rank of several.
+        group = RankGroup.for_worker(config.parallel, gpu_available=pick_device(gpu_id).type == "cuda")
+        device = group.device if group is not None else pick_device(gpu_id)
         if device.type == "cpu":
-            max_workers = int((model_yaml or {}).get("maxWorkers") or 1)
+            processes = int((model_yaml or {}).get("maxWorkers") or 1) * (group.layout.world_size if group else 1)
             # TorchServe leaves intra-op threads at the core count in every worker; workers
             # then fight over the same cores (7x slower seen with 2 workers on 2 cores).
-            torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // max_workers))
+            torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // processes))
         started = time.perf_counter()
-        pipeline = WanVideoPipeline.load(config.model_path, config.defaults_for, device, config.speed)
+        pipeline = WanVideoPipeline.load(config.model_path, config.defaults_for, device, config.speed, group)
         load_s = time.perf_counter() - started
         log.info("loaded %s from %s on %s in %.1f s", pipeline.spec.name, config.model_path, device, load_s)
         storage_config = StorageConfig.from_env()
@@ -114,15 +117,27 @@ class WanService:
             )
         self.pipeline.check_prompt_length(request.prompt, "prompt")
         self.pipeline.check_prompt_length(request.negative_prompt, "negative_prompt")
+        self.pipeline.check_split(request)
         return request
 
     def handle(self, body: Any, request_id: str, emit: Emit | None = None, enveloped: bool = False) -> Reply:
-        """Answer one request. Never raises: every failure becomes an error reply."""
+        """Answer one request. Never raises: every failure becomes an error reply.
+
+        On a worker of several ranks, every rank is called with the same request; the leader
+        decides and answers, the others follow (``_follow``)."""
+        group = self.pipeline.group
+        if group is not None and not group.is_leader:
+            return self._follow(request_id)
         started = time.perf_counter()
         streaming = False
         lines_sent = 0
+        request = None
         try:
-            request = self.parse(body, enveloped)
+            try:
+                request = self.parse(body, enveloped)
+            finally:
+                if group is not None:
+                    group.share_decision(request)  # None after a refusal: nothing to generate
             streaming = request.stream and emit is not None
 
             def on_step(step: int, total: int, elapsed_s: float) -> None:
@@ -158,7 +173,26 @@ class WanService:
             return Reply(body=ndjson_line({"event": "error", **error.to_body()}), content_type=NDJSON_CONTENT_TYPE)
         return Reply(body=error.to_body(), status=error.http_status)
 
+    def _follow(self, request_id: str) -> Reply:
+        """A rank other than the leader: generate what the leader decided. TorchServe drops
+        this rank's reply; the leader's goes to the client."""
+        request = self.pipeline.group.share_decision()
+        if request is None:
+            return Reply(body={"rank": self.pipeline.group.layout.rank, "generated": False})
+        try:
+            self.pipeline.generate(request)
+        except DeadlineExceeded:
+            pass  # stopped at the same step as the leader, which answers 504
+        except CollectiveBroken as exc:
+            self.pipeline.group.give_up(f"request {request_id} failed on this rank: {exc}")
+        return Reply(body={"rank": self.pipeline.group.layout.rank, "generated": True})
+
     def _as_wan_error(self, exc: Exception, request_id: str) -> WanError:
+        if isinstance(exc, CollectiveBroken):
+            # The other ranks may wait forever for this one: answer, then restart the worker.
+            error = self._as_wan_error(exc.__cause__, request_id)
+            self.pipeline.group.give_up(f"request {request_id} failed: {exc}", after_s=EXIT_AFTER_REPLY_S)
+            return error.__class__(f"{error.message}; this multi-GPU worker restarts", error.field)
         if isinstance(exc, WanError):
             if exc.http_status >= 500:
                 log.error("request %s failed: %s", request_id, exc.message)

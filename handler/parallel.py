@@ -22,8 +22,10 @@ client (its intermediate responses too). Here:
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import logging
 import os
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from diffusers.hooks import HookRegistry, ModelHook
+from torch.distributed.device_mesh import init_device_mesh
 
 from handler.config import ParallelOptions
 from handler.errors import ConfigError, InvalidRequest
@@ -92,6 +95,9 @@ class RankGroup:
     def __init__(self, layout: RankLayout, device: torch.device, options: ParallelOptions):
         self.layout = layout
         self.device = device
+        # A rank that waits for the others can be asked where: kill -USR1 <pid> prints every
+        # thread's stack to the worker log.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         timeout = datetime.timedelta(seconds=options.collective_timeout_s)
         if not dist.is_initialized():
             # Tensors on the GPU go through NCCL, Python objects and flags through gloo.
@@ -99,7 +105,7 @@ class RankGroup:
             dist.init_process_group(backend=backend, timeout=timeout,
                                     device_id=device if device.type == "cuda" else None)
         mesh_device = "cuda" if device.type == "cuda" else "cpu"
-        self.mesh = dist.device_mesh.init_device_mesh(
+        self.mesh = init_device_mesh(
             mesh_device, (layout.cfg_degree, 1, layout.ulysses_degree), mesh_dim_names=("cfg", "ring", "ulysses")
         )
         # A gloo group for control messages: they are small CPU objects, and must not queue
@@ -224,6 +230,10 @@ class CfgSplitHook(ModelHook):
         mine = forward(**kwargs)[0].contiguous()
         batch = mine.shape[0]
         both = torch.empty((2 * batch, *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
-        dist.all_gather_single(both, mine, group=self.cfg_group)  # [conditional; unconditional]
+        _all_gather_single(both, mine, group=self.cfg_group)  # [conditional; unconditional]
         self.pending = both[batch:]
         return (both[:batch],)
+
+
+# torch 2.13 renamed all_gather_into_tensor (deprecated there); GPU images may carry an older torch.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -9,7 +9,10 @@ Stages (``--stages``, in this order):
 - ``inprocess``: our handler's service in this process: load, warm-up, then the request;
 - ``torchserve``: a real TorchServe process with our archive: cold start (start to ready,
   optionally from a dropped page cache) and the same request over HTTP; its overhead over
-  ``inprocess``.
+  ``inprocess``;
+- ``parallel``: the same request on one worker of N ranks for each N of ``--nproc`` (1,2 by
+  default), each run as TorchServe runs it (torchrun, scripts/ranks.py): seconds per stage, the
+  speedup of each stage over the first N, and how far each run's frames are from the first's.
 
 Writes one JSON file (command, device, versions, every figure) and prints a summary.
 
@@ -17,6 +20,8 @@ Writes one JSON file (command, device, versions, every figure) and prints a summ
         --stages build,baseline,inprocess,torchserve --out benchmarks/results/h200-ti2v-5b.json
     python -m scripts.benchmark --size tiny --width 256 --height 256 --num-frames 33 \\
         --stages build,inprocess,torchserve --repeat 5 --out benchmarks/results/cpu-tiny.json
+    python -m scripts.benchmark --variant ti2v-5b --size full --checkpoint /tmp/ti2v-full \
+        --stages build,parallel --nproc 1,2 --out benchmarks/results/h200x2-ti2v-5b.json
     python -m scripts.benchmark chart benchmarks/results/*.json --out benchmarks/chart.png
 """
 
@@ -45,7 +50,7 @@ import yaml
 
 from scripts.serve import REPO_ROOT, isolated_layout, read_key, start, stop
 
-STAGES = ("build", "baseline", "inprocess", "torchserve")
+STAGES = ("build", "baseline", "inprocess", "torchserve", "parallel")
 MODEL_CONFIGS = {"ti2v-5b": "ti2v-5b.yaml", "t2v-a14b": "t2v-a14b.yaml", "i2v-a14b": "i2v-a14b.yaml"}
 PROMPT = "A red fox trots through fresh snow at dawn, soft golden light, the camera tracking alongside."
 
@@ -316,6 +321,53 @@ class Benchmark:
             ratio = self.result["torchserve"]["latency_median_s"] / inprocess["wall_median_s"] - 1
             self.result["torchserve"]["overhead_vs_inprocess"] = round(ratio, 4)
 
+    def parallel(self) -> None:
+        import numpy as np
+
+        from scripts.serve import free_ports
+
+        runs: dict[str, Any] = {}
+        frames: dict[int, Path] = {}
+        for nproc in self.args.nproc:
+            out = Path(tempfile.mkdtemp(prefix=f"wan-ranks-{nproc}-"))
+            model_yaml = dict(self.model_yaml, handler=dict(self.model_yaml["handler"]))
+            if self.args.parallel:
+                model_yaml["handler"]["parallel"] = dict(_parse_setting(s) for s in self.args.parallel)
+            (out / "model-config.yaml").write_text(yaml.safe_dump(model_yaml, sort_keys=False))
+            (out / "requests.json").write_text(json.dumps([self.request] * self.args.repeat))
+            command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                       "--master-addr", "127.0.0.1", "--master-port", str(free_ports(1)[0]), "-m", "scripts.ranks",
+                       "--model-config", str(out / "model-config.yaml"), "--requests", str(out / "requests.json"),
+                       "--out", str(out), "--frames"]
+            print(" ".join(command), flush=True)
+            started = time.perf_counter()
+            subprocess.run(command, check=True, cwd=REPO_ROOT)
+            record = json.loads((out / "answers.json").read_text())
+            bad = [a for a in record["answers"] if a["status"] != 200]
+            if bad:
+                raise SystemExit(f"{nproc} rank(s): request failed: {bad[0]}")
+            timings = [dict(a["body"]["timings"], wall_s=a["wall_s"]) for a in record["answers"]]
+            runs[str(nproc)] = {
+                "process_s": round(time.perf_counter() - started, 2),
+                **{k: record[k] for k in ("world_size", "cfg_degree", "ulysses_degree", "start_s")},
+                **{k: record[k] for k in ("load_s", "warmup_s") if k in record},
+                "runs": timings, **_summary(timings, self.request),
+            }
+            frames[nproc] = out / f"frames-{len(timings) - 1}.npy"
+            self.result["parallel"] = {"runs": runs}
+            self._write()
+        first = self.args.nproc[0]
+        reference = np.load(frames[first]).astype(np.int16)
+        for nproc in self.args.nproc[1:]:
+            entry = runs[str(nproc)]
+            entry["speedup"] = {key: round(runs[str(first)][key] / entry[key], 3)
+                                for key in ("wall_median_s", "text_encode_median_s", "denoise_median_s",
+                                            "vae_decode_median_s", "total_median_s") if entry[key] > 0}
+            difference = np.abs(np.load(frames[nproc]).astype(np.int16) - reference)
+            # Frames are uint8: the difference is in levels of 255, over every pixel and channel.
+            entry[f"frames_vs_{first}"] = {"max_abs": int(difference.max()), "mean_abs": float(difference.mean()),
+                                           "share_differing": float((difference > 0).mean())}
+
     def run(self) -> dict[str, Any]:
         for stage in self.args.stages:
             print(f"== {stage}", flush=True)
@@ -441,6 +493,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--in-memory", action="store_true",
                         help="build the pipeline in memory and run from it (no checkpoint on disk, no cold start)")
     parser.add_argument("--start-timeout", type=float, default=900.0)
+    parser.add_argument("--nproc", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
+                        help="parallel stage: rank counts to run, the first is the reference")
+    parser.add_argument("--parallel", action="append", default=[], help="handler.parallel override, e.g. cfg_split=false")
     parser.add_argument("--out", help="JSON file for the results")
     args = parser.parse_args(argv)
     unknown = [s for s in args.stages if s not in STAGES]

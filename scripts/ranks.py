@@ -34,6 +34,11 @@ def run(model_yaml: dict[str, Any], model_dir: Path, requests: list[dict[str, An
     start_s = time.perf_counter() - started
     group = service.pipeline.group
     leader = group is None or group.is_leader
+    generated = []
+    if frames and leader:
+        # Keep the frames the service produced, before its MP4 encoder (no second generation).
+        generate = service.pipeline.generate
+        service.pipeline.generate = lambda *args, **kwargs: generated.append(generate(*args, **kwargs)) or generated[-1]
     answers = []
     for index, body in enumerate(requests):
         _sync(gpu)
@@ -41,22 +46,14 @@ def run(model_yaml: dict[str, Any], model_dir: Path, requests: list[dict[str, An
         reply = service.handle(dict(body), f"ranks-{index}")
         _sync(gpu)
         wall_s = time.perf_counter() - mark
-        if frames:
-            # The same request again, straight to the pipeline: frames before the MP4 encoder.
-            # The leader decides for every rank, as in handle().
-            request = service.parse(dict(body)) if leader and reply.status == 200 else None
-            if group is not None:
-                request = group.share_decision(request)
-            if request is not None:
-                generated = service.pipeline.generate(request)
-                if leader:
-                    np.save(out / f"frames-{index}.npy", generated.frames)
-        if leader:
-            answer = {"status": reply.status, "wall_s": round(wall_s, 3)}
-            answer["body"] = reply.body if isinstance(reply.body, dict) else {"bytes": len(reply.body)}
-            if isinstance(answer["body"], dict):
-                answer["body"].get("video", {}).pop("base64", None)
-            answers.append(answer)
+        if not leader:
+            continue
+        answer = {"status": reply.status, "wall_s": round(wall_s, 3)}
+        answer["body"] = reply.body if isinstance(reply.body, dict) else {"bytes": len(reply.body)}
+        answer["body"].get("video", {}).pop("base64", None)
+        if frames and reply.status == 200:
+            np.save(out / f"frames-{index}.npy", generated[-1].frames)
+        answers.append(answer)
     if leader:
         layout = group.layout if group else None
         (out / "answers.json").write_text(json.dumps({

@@ -131,7 +131,13 @@ def _apply_speed_options(pipe, speed: SpeedOptions, device: torch.device,
         torch.backends.cudnn.allow_tf32 = speed.tf32 or torch.backends.cudnn.allow_tf32
         for expert in experts:
             expert.set_attention_backend(speed.attention_backend)
-    # Before compiling: the split hooks must be inside what gets compiled.
+    splits_sequence = group is not None and group.layout.ulysses_degree > 1
+    if speed.compile and device.type == "cuda" and splits_sequence:
+        # diffusers' sequence-split hook on the first block reads the block's signature, which
+        # dynamo cannot trace: compile each block's own forward, before the hooks wrap it, so
+        # the split runs eagerly around the compiled block.
+        for expert in experts:
+            _compile_block_forwards(expert)
     hooks = [hook for hook in (group.enable_on(expert) for expert in experts) if hook] if group else []
     if device.type != "cuda":
         return None, hooks
@@ -147,10 +153,18 @@ def _apply_speed_options(pipe, speed: SpeedOptions, device: torch.device,
             torch.cuda.empty_cache()
         log.info("experts: %s (weights %.1f GiB, GPU %.1f GiB)", "swapped" if swap else "both on the GPU",
                  weights / 2**30, total / 2**30)
-    if speed.compile:
+    if speed.compile and not splits_sequence:
         for expert in experts:
             expert.compile_repeated_blocks(fullgraph=True)
     return swap, hooks
+
+
+def _compile_block_forwards(model: torch.nn.Module) -> None:
+    """What ``compile_repeated_blocks(fullgraph=True)`` does, applied to each repeated block's
+    ``forward`` instead of its whole call, so hooks registered afterwards stay outside."""
+    for module in model.modules():
+        if module.__class__.__name__ in model._repeated_blocks:
+            module.forward = torch.compile(module.forward, fullgraph=True)
 
 
 class WanVideoPipeline:

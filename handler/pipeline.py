@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import numpy as np
 import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline
+from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 from handler.config import SpeedOptions
@@ -46,6 +47,12 @@ StepCallback = Callable[[int, int, float], None]
 class Generated:
     frames: np.ndarray | None  # uint8 (F, H, W, 3); None on the ranks that do not decode
     timings_s: dict[str, float]
+    # True when on_frames received exactly these frames, chunk by chunk, during the decode.
+    streamed: bool = False
+
+
+# on_frames(frames) receives uint8 (f, H, W, 3) chunks as the VAE decodes them.
+FramesCallback = Callable[[np.ndarray], None]
 
 
 class CollectiveBroken(Exception):
@@ -296,9 +303,11 @@ class WanVideoPipeline:
         self.group.check_tokens(tokens, f"{req.width}x{req.height} with {req.num_frames} frames")
 
     @torch.inference_mode()
-    def generate(self, req: GenerationRequest, on_step: StepCallback | None = None) -> Generated:
+    def generate(self, req: GenerationRequest, on_step: StepCallback | None = None,
+                 on_frames: FramesCallback | None = None) -> Generated:
         """Text encode, denoise, decode. With several ranks every rank calls this for the same
-        request; the ranks other than the leader stop before the decode (``frames`` None)."""
+        request; the ranks other than the leader stop before the decode (``frames`` None).
+        ``on_frames`` gets the frames during the decode (see ``Generated.streamed``)."""
         started = time.perf_counter()
         pipe = self.image_pipe if req.image is not None else self.text_pipe
         if self.group is None:
@@ -314,10 +323,15 @@ class WanVideoPipeline:
                 return Generated(frames=None, timings_s=timings)
         # The other ranks are done with this request: a failure from here on is the leader's alone.
         mark = time.perf_counter()
-        frames = self._decode(pipe, latents)
+        streamer = _FrameStreamer(pipe.vae, on_frames) if on_frames is not None and not pipe.vae.use_tiling else None
+        try:
+            frames = self._decode(pipe, latents)
+        finally:
+            if streamer is not None:
+                streamer.remove()
         timings["vae_decode_s"] = time.perf_counter() - mark
         timings["generate_s"] = time.perf_counter() - started
-        return Generated(frames=frames, timings_s=timings)
+        return Generated(frames=frames, timings_s=timings, streamed=streamer is not None and streamer.sent_exactly(frames))
 
     def _denoise(self, pipe, req: GenerationRequest, on_step: StepCallback | None) -> tuple[torch.Tensor, dict]:
         """Text encoding and the denoising loop: the part every rank runs together."""
@@ -384,7 +398,7 @@ class WanVideoPipeline:
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents)
         video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
         video = pipe.video_processor.postprocess_video(video, output_type="pt")[0]  # (F, C, H, W) in [0, 1]
-        return (video.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return _to_uint8_frames(video)
 
     def release_memory(self) -> None:
         """Give memory back after a failure (out of memory above all): cached blocks to the GPU,
@@ -394,6 +408,58 @@ class WanVideoPipeline:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         _malloc_trim()
+
+
+class _FrameStreamer:
+    """Hands the frames of each latent frame the VAE decoder finishes to ``on_frames``, so the
+    video encoder works while the decode goes on (the encode of a 720p video takes seconds).
+
+    diffusers decodes one latent frame per decoder call and applies unpatchify, clamp and the
+    [0, 1] mapping to the whole video afterwards; the same element-wise steps are applied here to
+    each chunk. ``sent_exactly`` compares what was sent with the final frames, so a different
+    decode inside diffusers can never change the video: the caller encodes the final frames then.
+    """
+
+    def __init__(self, vae, on_frames: FramesCallback):
+        self.on_frames = on_frames
+        self.patch_size = vae.config.patch_size
+        self.sent: list[np.ndarray] = []
+        self.failed = False
+        self.handle = vae.decoder.register_forward_hook(self._after_decoder)
+
+    def _after_decoder(self, _module, _args, output) -> None:
+        if self.failed:
+            return
+        try:
+            video = output
+            if self.patch_size is not None:
+                video = unpatchify(video, patch_size=self.patch_size)
+            video = (video.clamp(-1.0, 1.0) * 0.5 + 0.5).clamp(0, 1)  # diffusers' clamp, then denormalize
+            chunk = _to_uint8_frames(video[0].permute(1, 0, 2, 3))
+            self.sent.append(chunk)
+            self.on_frames(chunk)
+        except Exception:  # the final frames are encoded instead
+            log.exception("streaming frames to the encoder failed; encoding after the decode")
+            self.failed = True
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def sent_exactly(self, frames: np.ndarray) -> bool:
+        if self.failed or sum(len(c) for c in self.sent) != len(frames):
+            return False
+        start = 0
+        for chunk in self.sent:
+            if not np.array_equal(chunk, frames[start:start + len(chunk)]):
+                log.warning("frames streamed during the decode differ from the final ones; encoding after")
+                return False
+            start += len(chunk)
+        return True
+
+
+def _to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """(F, C, H, W) in [0, 1] to uint8 (F, H, W, C) on the host."""
+    return (video.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
 def _malloc_trim() -> None:

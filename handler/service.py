@@ -25,7 +25,7 @@ from handler.parallel import EXIT_AFTER_REPLY_S, RankGroup
 from handler.pipeline import CollectiveBroken, WanVideoPipeline, pick_device
 from handler.request import GenerationRequest, OutputKind, parse_request
 from handler.storage import ObjectStore, StorageConfig, StorageUnavailable
-from handler.video import MP4_CONTENT_TYPE, encode_mp4
+from handler.video import MP4_CONTENT_TYPE, Mp4Encoder, encode_mp4
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +205,19 @@ class WanService:
         return InternalError(f"internal error; see the server log for request {request_id}")
 
     def _generate(self, request: GenerationRequest, request_id: str, on_step, started: float) -> dict[str, Any]:
-        generated = self.pipeline.generate(request, on_step)
-        mark = time.perf_counter()
-        mp4 = encode_mp4(generated.frames, request.fps, self.config.video)
+        # The encoder takes the frames while the VAE decodes the rest (see pipeline._FrameStreamer).
+        encoder = Mp4Encoder(request.fps, self.config.video)
+        try:
+            generated = self.pipeline.generate(request, on_step, on_frames=encoder.add)
+            mark = time.perf_counter()
+            if generated.streamed:
+                mp4 = encoder.finish()
+            else:
+                encoder.abort()
+                mp4 = encode_mp4(generated.frames, request.fps, self.config.video)
+        finally:
+            encoder.abort()  # a failed generation: stop the encoder's thread
+        # What the encoder still needed after the decode (all of it when nothing was streamed).
         timings = dict(generated.timings_s, video_encode_s=time.perf_counter() - mark)
         warnings: list[str] = []
         video: dict[str, Any] = {"content_type": MP4_CONTENT_TYPE}

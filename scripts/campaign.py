@@ -141,11 +141,16 @@ DEADLINE_S = 2.0
 LONG = {"width": 512, "height": 512, "num_frames": 161, "num_inference_steps": 50}
 
 
+# The handler section of the deadline scenario: a deadline far below responseTimeout, and limits
+# that allow a request of many seconds.
+DEADLINE_HANDLER = {"deadline_s": DEADLINE_S,
+                    "limits": {"max_side_px": 640, "max_pixels": 640 * 640, "max_num_frames": 161,
+                               "max_inference_steps": 50}}
+
+
 def deadline_config(path: Path) -> Path:
     return model_config(path, {"minWorkers": 1, "maxWorkers": 1, "responseTimeout": DEADLINE_RESPONSE_TIMEOUT_S},
-                        {"deadline_s": DEADLINE_S,
-                         "limits": {"max_side_px": 640, "max_pixels": 640 * 640, "max_num_frames": 161,
-                                    "max_inference_steps": 50}})
+                        DEADLINE_HANDLER)
 
 
 # -- a server, its worker, its memory -------------------------------------------------------------

@@ -125,7 +125,7 @@ def test_enveloped_requests_refuse_mp4_and_stream(services):
 
 
 def _fail_with(service, monkeypatch, exc):
-    def broken(request: GenerationRequest, on_step=None):
+    def broken(request: GenerationRequest, on_step=None, on_frames=None):
         raise exc
 
     monkeypatch.setattr(service.pipeline, "generate", broken)
@@ -154,7 +154,7 @@ def test_unexpected_error_is_500_naming_the_request_id(services, monkeypatch, ca
 def test_error_after_progress_is_the_last_stream_line(services, monkeypatch):
     service = services["ti2v-5b"]
 
-    def fail_midway(request, on_step=None):
+    def fail_midway(request, on_step=None, on_frames=None):
         on_step(1, request.num_inference_steps, 0.01)
         raise torch.OutOfMemoryError("out of memory")
 

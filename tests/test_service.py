@@ -192,3 +192,14 @@ def test_deadline_defaults_to_response_timeout_less_a_margin():
     assert load_handler_config({"responseTimeout": 900, "handler": {"model_path": "/m"}}, "/").deadline_s == 810
     assert load_handler_config({"responseTimeout": 60, "handler": {"model_path": "/m"}}, "/").deadline_s == 50
     assert load_handler_config({"handler": {"model_path": "/m"}}, "/").deadline_s == 108
+
+
+@pytest.mark.parametrize("layout", ["ti2v-5b", "t2v-a14b"])  # the Wan2.2 VAE (patchified) and the Wan2.1 one
+def test_frames_reach_the_encoder_during_the_decode_exactly(services, layout):
+    service = services[layout]
+    request = service.parse({"prompt": "streamed", "seed": 4})
+    chunks = []
+    generated = service.pipeline.generate(request, on_frames=chunks.append)
+    assert generated.streamed
+    assert len(chunks) > 1  # one chunk per latent frame, not the whole video at the end
+    assert np.array_equal(np.concatenate(chunks), generated.frames)

@@ -31,3 +31,27 @@ def test_rejects_frames_that_are_not_uint8_rgb():
         encode_mp4(np.zeros((3, 32, 32, 3), dtype=np.float32), 24)
     with pytest.raises(ValueError):
         encode_mp4(np.zeros((3, 32, 32), dtype=np.uint8), 24)
+
+
+def test_frames_added_in_chunks_give_the_same_mp4_as_all_at_once():
+    from handler.video import Mp4Encoder
+
+    frames = np.random.default_rng(3).integers(0, 256, (9, 128, 128, 3), dtype=np.uint8)
+    encoder = Mp4Encoder(24)
+    for chunk in (frames[:1], frames[1:5], frames[5:]):  # the Wan VAE's 1 + 4 + 4 frames
+        encoder.add(chunk)
+    assert encoder.finish() == encode_mp4(frames, 24)
+
+
+def test_an_aborted_encoder_stops_its_thread_and_an_empty_one_says_so():
+    from handler.video import Mp4Encoder
+
+    encoder = Mp4Encoder(24)
+    encoder.add(np.zeros((4, 128, 128, 3), dtype=np.uint8))
+    encoder.abort()
+    assert not encoder._thread.is_alive()
+    encoder.abort()  # again: harmless
+    with pytest.raises(ValueError, match="no frames"):
+        Mp4Encoder(24).finish()
+    with pytest.raises(ValueError, match="uint8"):
+        Mp4Encoder(24).add(np.zeros((2, 8, 8, 3), dtype=np.float32))

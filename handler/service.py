@@ -76,7 +76,9 @@ class WanService:
         """Start from model-config.yaml as TorchServe hands it over (storage from the environment)."""
         config = load_handler_config(model_yaml, model_dir)
         # Started by torchrun (model-config.yaml's torchrun section): one rank of several.
-        group = RankGroup.for_worker(config.parallel, gpu_available=pick_device(gpu_id).type == "cuda")
+        # TorchServe may hand a torchrun worker no gpu_id: its deviceType says whether it has GPUs.
+        on_gpu = torch.cuda.is_available() and (gpu_id is not None or (model_yaml or {}).get("deviceType") == "gpu")
+        group = RankGroup.for_worker(config.parallel, gpu_available=on_gpu)
         device = group.device if group is not None else pick_device(gpu_id)
         if device.type == "cpu":
             processes = int((model_yaml or {}).get("maxWorkers") or 1) * (group.layout.world_size if group else 1)

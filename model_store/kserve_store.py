@@ -40,7 +40,9 @@ from model_store.archive import build_archive
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO_ROOT / "config" / "kserve" / "config.properties"
 MODEL_CONFIG_DIR = REPO_ROOT / "config" / "models"
-VARIANTS = ("ti2v-5b", "t2v-a14b", "i2v-a14b")
+# One store per model config: the three variants on one GPU, and one worker spread over several
+# GPUs (torchrun ranks; config/models/*-2gpu.yaml, *-4gpu.yaml).
+VARIANTS = ("ti2v-5b", "t2v-a14b", "i2v-a14b", "ti2v-5b-2gpu", "t2v-a14b-4gpu", "i2v-a14b-4gpu")
 MOUNT_PATH = PurePosixPath("/mnt/models")  # where KServe puts the store in the pod
 MODEL_NAME = "wan"  # the TorchServe model name: /v1/models/wan:predict
 MODEL_VERSION = "1.0"  # the archive's version; the snapshot is keyed by it

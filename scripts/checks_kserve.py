@@ -12,8 +12,12 @@ will apply. Checked:
   ``storageUri`` is well formed and points at this variant's store; S3 credentials are wired
   (ServiceAccount -> Secret with the s3 annotations); replicas, ``containerConcurrency`` and
   ``timeout`` agree with TorchServe's workers and responseTimeout; Knative's progress deadline
-  covers startupTimeout; a GPU limit and a GPU node selector; CPU and memory limits (KServe would
-  fill missing ones with its defaults, below our requests); a pinned image.
+  covers startupTimeout; a GPU limit and a GPU node selector; the GPU limit is what TorchServe's
+  workers use: maxWorkers x the ranks of one worker (``torchrun.nproc-per-node`` when the model
+  config has ``parallelType`` tp, pp or pptp, else 1), and a worker of several ranks gets a
+  memory-backed, bounded emptyDir at /dev/shm in the model container (NCCL's buffers; the
+  container default of 64 MB is too small); CPU and memory limits (KServe would fill missing ones
+  with its defaults, below our requests); a pinned image.
 - Serving runtimes: the container, its single port, probes and metrics annotation agree with
   config.properties; the start command reads KServe's layout.
 - config/kserve/config.properties itself: what KServe relies on (envvars, no token auth with
@@ -55,6 +59,9 @@ PROGRESS_DEADLINE = "serving.knative.dev/progress-deadline"
 KNATIVE_DEFAULT_PROGRESS_DEADLINE_S = 600  # Knative's config-deployment default
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = "nvidia.com/gpu.present"
+# TorchServe's parallelType values whose worker it starts with torchrun, one rank (one GPU) per process.
+TORCHRUN_PARALLEL_TYPES = ("tp", "pp", "pptp")
+SHM_PATH = "/dev/shm"
 CONTAINER_NAME = "kserve-container"
 ENVELOPE_ENV = "TS_SERVICE_ENVELOPE"
 ENVELOPES = {"v1": "kserve", "v2": "kservev2"}  # protocolVersion -> TorchServe envelope
@@ -90,6 +97,7 @@ class _TorchServe:
         self.problems: list[Problem] = []
         self.properties: dict[str, str] = {}
         self._snapshots: dict[str, dict[str, Any] | StoreError] = {}
+        self._configs: dict[str, dict[str, Any]] = {}
         try:
             self.template = self.config_path.read_text(encoding="utf-8")
         except OSError as e:
@@ -122,6 +130,7 @@ class _TorchServe:
                 if not path.is_file():
                     raise StoreError(f"no model config {source} for variant {variant!r}")
                 config = load_model_config(path)
+                self._configs[variant] = config
                 snapshot = model_snapshot(config, MODEL_NAME, MODEL_VERSION, source=source)
                 if self.template is not None:
                     render_config_properties(config, self.template, MODEL_NAME, source=source)
@@ -132,6 +141,25 @@ class _TorchServe:
         if isinstance(result, StoreError):
             raise result
         return result
+
+    def ranks_per_worker(self, variant: str) -> tuple[int | None, str]:
+        """How many processes (one GPU each) one TorchServe worker of this variant runs, and
+        why: torchrun's ``nproc-per-node`` for a torchrun parallelType, else 1. None when the
+        config asks for torchrun without a usable process count. Call after ``snapshot``."""
+        config = self._configs.get(variant) or {}
+        parallel_type = config.get("parallelType")
+        if parallel_type not in TORCHRUN_PARALLEL_TYPES:
+            return 1, "no torchrun parallelType: one process per worker"
+        torchrun = config.get("torchrun")
+        nproc = _int(torchrun.get("nproc-per-node")) if isinstance(torchrun, dict) else None
+        if not nproc:
+            return None, (f"parallelType {parallel_type} without a torchrun.nproc-per-node (a positive "
+                          "integer): TorchServe would not know how many ranks to start")
+        return nproc, f"parallelType {parallel_type}, torchrun.nproc-per-node {nproc}"
+
+    def device_ids(self, variant: str) -> list[Any] | None:
+        ids = (self._configs.get(variant) or {}).get("deviceIds")
+        return ids if isinstance(ids, list) else None
 
 
 def _torchserve(context: Context) -> _TorchServe:
@@ -329,7 +357,14 @@ def _effective_container(isvc: Manifest, runtime: Manifest | None) -> dict[str, 
     for source in (base.get("resources") or {}, model.get("resources") or {}):
         for kind in ("requests", "limits"):
             resources.setdefault(kind, {}).update(source.get(kind) or {})
-    return {"env": env, "resources": resources, "image": model.get("image") or base.get("image")}
+    # Strategic merge: volume mounts by mountPath, the pod's volumes by name.
+    mounts = {m.get("mountPath"): m for source in (base, model)
+              for m in source.get("volumeMounts") or [] if isinstance(m, dict)}
+    runtime_volumes = (runtime.get("spec", "volumes", default=[]) or []) if runtime is not None else []
+    predictor_volumes = isvc.get("spec", "predictor", "volumes", default=[]) or []
+    volumes = {v.get("name"): v for v in (*runtime_volumes, *predictor_volumes) if isinstance(v, dict)}
+    return {"env": env, "resources": resources, "image": model.get("image") or base.get("image"),
+            "volumeMounts": mounts, "volumes": volumes}
 
 
 def _limit_problems(isvc: Manifest, model: dict[str, Any]) -> list[Problem]:
@@ -484,6 +519,8 @@ def check_inference_services(manifests: list[Manifest], context: Context) -> lis
         problems += _credential_problems(isvc, manifests)
         problems += _scaling_problems(isvc, predictor, snapshot)
         problems += _gpu_problems(isvc, predictor, effective)
+        if snapshot is not None:
+            problems += _rank_problems(isvc, effective, ts, variant, snapshot)
     return problems
 
 
@@ -557,6 +594,63 @@ def _gpu_problems(isvc: Manifest, predictor: dict[str, Any], effective: dict[str
         problems.append(Problem(isvc, "/spec/predictor/nodeSelector",
                                 f"nodeSelector must require {GPU_NODE_LABEL}: \"true\" (GPU nodes)"))
     return problems
+
+
+def _rank_problems(isvc: Manifest, effective: dict[str, Any], ts: _TorchServe, variant: str,
+                   snapshot: dict[str, Any]) -> list[Problem]:
+    """The pod's GPUs are the ones TorchServe's workers use, and a worker of several ranks has
+    a /dev/shm NCCL can work in."""
+    source = snapshot["source"]
+    ranks, why = ts.ranks_per_worker(variant)
+    where = "/spec/predictor/model/resources/limits"
+    if ranks is None:
+        return [Problem(isvc, f"/metadata/labels/{VARIANT_LABEL.replace('/', '~1')}", f"{source}: {why}")]
+    problems = []
+    gpus = _int(effective["resources"].get("limits", {}).get(GPU_RESOURCE))
+    expected = snapshot["maxWorkers"] * ranks
+    if gpus and gpus != expected:
+        problems.append(Problem(isvc, where,
+                                f"{GPU_RESOURCE} limit {gpus}, but TorchServe runs maxWorkers {snapshot['maxWorkers']} "
+                                f"worker(s) of {ranks} rank(s), one GPU per rank ({why}, {source}): the pod "
+                                f"needs {expected}; " + ("ranks would find no GPU of their own" if gpus < expected
+                                                         else "the other GPUs would sit idle")))
+    device_ids = ts.device_ids(variant)
+    if gpus and device_ids is not None:
+        outside = [d for d in device_ids if _int(d) is None or _int(d) >= gpus]
+        if outside:
+            problems.append(Problem(isvc, where,
+                                    f"deviceIds {device_ids} ({source}) name GPUs the pod does not have "
+                                    f"(its {gpus} GPU(s) are 0..{gpus - 1} inside it)"))
+    if ranks > 1:
+        problems += _shm_problems(isvc, effective, ranks, source)
+    return problems
+
+
+def _shm_problems(isvc: Manifest, effective: dict[str, Any], ranks: int, source: str) -> list[Problem]:
+    mount = effective["volumeMounts"].get(SHM_PATH)
+    why = (f"one worker of {ranks} ranks ({source}) talks over NCCL, which keeps its buffers in {SHM_PATH}; "
+           "the container runtime's default there is 64 MB, too small")
+    if mount is None:
+        return [Problem(isvc, "/spec/predictor/model/volumeMounts",
+                        f"nothing is mounted at {SHM_PATH}: {why}. Mount an emptyDir with medium: Memory and a "
+                        "sizeLimit there (spec.predictor.volumes + model.volumeMounts)")]
+    volume = effective["volumes"].get(mount.get("name"))
+    if volume is None:
+        return [Problem(isvc, "/spec/predictor/volumes",
+                        f"{SHM_PATH} mounts volume {mount.get('name')!r}, which neither the predictor nor the "
+                        "runtime declares")]
+    empty_dir = volume.get("emptyDir")
+    if not isinstance(empty_dir, dict) or empty_dir.get("medium") != "Memory":
+        return [Problem(isvc, "/spec/predictor/volumes",
+                        f"volume {mount.get('name')!r} at {SHM_PATH} must be an emptyDir with medium: Memory "
+                        f"(shared memory, not node disk): {why}")]
+    if mount.get("readOnly"):
+        return [Problem(isvc, "/spec/predictor/model/volumeMounts", f"{SHM_PATH} is mounted readOnly: {why}")]
+    if _quantity(empty_dir.get("sizeLimit")) is None:
+        return [Problem(isvc, "/spec/predictor/volumes",
+                        f"the memory-backed volume {mount.get('name')!r} at {SHM_PATH} needs a sizeLimit: "
+                        "without one a runaway writer can fill the pod's whole memory limit")]
+    return []
 
 
 # -- secrets, caches --------------------------------------------------------------------

@@ -20,7 +20,13 @@ from handler.variants import I2V_A14B, T2V_A14B, TI2V_5B, VARIANTS, GenerationDe
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = sorted((REPO_ROOT / "config" / "models").glob("*.yaml"))
 # Which variant each model-config.yaml serves (the tiny default model has the TI2V-5B layout).
-CONFIG_VARIANTS = {"t2v-a14b": T2V_A14B, "i2v-a14b": I2V_A14B, "ti2v-5b": TI2V_5B, "tiny-ti2v": TI2V_5B}
+CONFIG_VARIANTS = {"t2v-a14b": T2V_A14B, "i2v-a14b": I2V_A14B, "ti2v-5b": TI2V_5B, "tiny-ti2v": TI2V_5B,
+                   "ti2v-5b-2gpu": TI2V_5B, "t2v-a14b-4gpu": T2V_A14B, "i2v-a14b-4gpu": I2V_A14B}
+# One worker over several GPUs (torchrun ranks): config -> (its one-GPU config, ranks).
+MULTI_GPU_CONFIGS = {"ti2v-5b-2gpu": ("ti2v-5b", 2), "t2v-a14b-4gpu": ("t2v-a14b", 4), "i2v-a14b-4gpu": ("i2v-a14b", 4)}
+# Attention heads of the real transformers (diffusers configs of the Wan2.2 checkpoints): the
+# sequence split gives each rank whole heads.
+ATTENTION_HEADS = {"ti2v-5b": 24, "t2v-a14b": 40, "i2v-a14b": 40}
 
 
 @pytest.fixture(autouse=True)
@@ -365,3 +371,58 @@ def test_tiny_model_config_values(tmp_path):
     assert (defaults.width, defaults.height, defaults.num_frames, defaults.num_inference_steps) == (256, 256, 33, 4)
     assert config.limits.max_side_px == 640 and config.limits.max_pixels == 262144
     assert os.path.isabs(config.model_path)
+
+
+# --- one worker over several GPUs -----------------------------------------------------------------
+
+def _model_yaml(stem: str) -> dict:
+    return yaml.safe_load((REPO_ROOT / "config" / "models" / f"{stem}.yaml").read_text())
+
+
+@pytest.mark.parametrize("stem", sorted(MULTI_GPU_CONFIGS))
+def test_multi_gpu_config_is_its_one_gpu_config_run_by_torchrun(stem, tmp_path):
+    one_gpu, ranks = MULTI_GPU_CONFIGS[stem]
+    model_yaml, base = _model_yaml(stem), _model_yaml(one_gpu)
+    # TorchServe starts the worker with torchrun, one rank per GPU; one worker spans them all.
+    assert model_yaml["parallelType"] == "tp"
+    assert model_yaml["torchrun"] == {"nproc-per-node": ranks}
+    assert model_yaml["minWorkers"] == model_yaml["maxWorkers"] == 1
+    assert model_yaml["deviceType"] == "gpu" and "deviceIds" not in model_yaml
+    # The same generation as on one GPU: handler defaults, limits and speed options.
+    handler, base_handler = dict(model_yaml["handler"]), dict(base["handler"])
+    assert handler.pop("model_path") == f"/mnt/models/weights/{stem}"
+    assert base_handler.pop("model_path") == f"/mnt/models/weights/{one_gpu}"
+    parallel = handler.pop("parallel")
+    assert handler == base_handler
+    # The split is spelled out, not left to the defaults, and it loads.
+    assert set(parallel) == {"cfg_split", "collective_timeout_s"}
+    config = load_handler_config(model_yaml, tmp_path)
+    assert config.model_path == Path(f"/mnt/models/weights/{stem}").resolve()
+    assert config.parallel.cfg_split is True
+    # A collective waits longer than any step, and gives up well before TorchServe does.
+    assert 60 <= config.parallel.collective_timeout_s <= config.deadline_s / 1.5
+    # Faster than one GPU: it does not wait longer for a hung request, nor queue fewer.
+    assert model_yaml["responseTimeout"] <= base["responseTimeout"]
+    assert model_yaml["startupTimeout"] == base["startupTimeout"]
+    assert model_yaml["jobQueueSize"] >= base["jobQueueSize"]
+
+
+@pytest.mark.parametrize("stem", sorted(MULTI_GPU_CONFIGS))
+def test_multi_gpu_config_splits_the_real_transformer_and_the_default_sizes(stem):
+    from handler.parallel import RankLayout
+
+    one_gpu, ranks = MULTI_GPU_CONFIGS[stem]
+    config = load_handler_config(_model_yaml(stem), "/nonexistent")
+    layouts = [RankLayout.from_environment(config.parallel, {"WORLD_SIZE": str(ranks), "RANK": str(rank)})
+               for rank in range(ranks)]
+    assert {(layout.cfg_degree, layout.ulysses_degree) for layout in layouts} == \
+        {(2, ranks // 2)}  # guidance 2 ways, the rest of the ranks on the sequence
+    layouts[0].check_heads(ATTENTION_HEADS[one_gpu])  # raises if the heads do not divide
+    # Every native size at the default frame count splits evenly (no 400 for a default request):
+    # tokens = latent frames x (height / size_multiple) x (width / size_multiple).
+    spec = CONFIG_VARIANTS[stem]
+    defaults = config.defaults_for(spec.defaults)
+    latent_frames = (defaults.num_frames - 1) // 4 + 1
+    for width, height in spec.native_sizes:
+        tokens = latent_frames * (height // spec.size_multiple) * (width // spec.size_multiple)
+        assert tokens % layouts[0].ulysses_degree == 0, (width, height, tokens)

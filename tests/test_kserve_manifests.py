@@ -18,6 +18,9 @@ from scripts.validate_manifests import REPO_ROOT, Context, CrdSchemas, default_c
 KSERVE = REPO_ROOT / "kserve"
 BROKEN = Path(__file__).parent / "manifests_broken"
 IMAGE = "registry.wan.internal/wan/wan-torchserve:0.1.0"
+# The variants with an InferenceService in kserve/ (every variant has a model config and a store;
+# the other multi-GPU configs are served by copying the 4-GPU service, kserve/README.md).
+ISVC_VARIANTS = tuple(v for v in VARIANTS if (KSERVE / f"inferenceservice-{v}.yaml").is_file())
 
 # file -> (where, a piece of the message) of the problem it must raise.
 BROKEN_CASES = {
@@ -53,6 +56,12 @@ BROKEN_CASES = {
     "s3-endpoint-with-scheme.yaml": ("/metadata/annotations", "must be host[:port] without a scheme"),
     "service-wrong-target-port.yaml": ("/spec/ports/0/targetPort",
                                        "targetPort 8080 is no container port of Deployment/wan-ti2v-5b-plain"),
+    "gpu-limit-below-ranks.yaml": (
+        "/spec/predictor/model/resources/limits",
+        ("nvidia.com/gpu limit 2, but TorchServe runs maxWorkers 1 worker(s) of 4 rank(s), one GPU per rank "
+         "(parallelType tp, torchrun.nproc-per-node 4, config/models/t2v-a14b-4gpu.yaml): the pod needs 4")),
+    "multi-gpu-without-dev-shm.yaml": ("/spec/predictor/model/volumeMounts",
+                                       "nothing is mounted at /dev/shm: one worker of 4 ranks"),
 }
 
 
@@ -155,7 +164,8 @@ def test_the_names_karmada_relies_on():
     assert set(runtime["spec"]["protocolVersions"]) == {"v1", "v2"}
     [container] = runtime["spec"]["containers"]
     assert container["name"] == "kserve-container" and container["image"] == IMAGE
-    for variant in VARIANTS:
+    assert set(ISVC_VARIANTS) >= {"ti2v-5b", "t2v-a14b", "i2v-a14b", "t2v-a14b-4gpu"}
+    for variant in ISVC_VARIANTS:
         isvc = _isvc(variant)
         meta, predictor = isvc["metadata"], isvc["spec"]["predictor"]
         assert (meta["name"], meta["namespace"]) == (f"wan-{variant}", "wan")
@@ -186,7 +196,7 @@ def test_the_names_karmada_relies_on():
                      ("NetworkPolicy", "wan-ti2v-5b-plain"), ("PersistentVolumeClaim", "wan-weights")}
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", ISVC_VARIANTS)
 def test_timeouts_agree_with_the_store_the_builder_writes(tmp_path, variant):
     """What the InferenceService allows against what TorchServe will apply, read from a built store."""
     store = build_kserve_store(variant_config_file(variant), tmp_path)
@@ -253,3 +263,118 @@ def test_ports_follow_config_properties(tmp_path):
                for p in problems)
     assert any("wan-torchserve at /spec/containers/0/livenessProbe/httpGet/port" in p for p in problems)
     assert any("Deployment/wan-ti2v-5b-plain" in p and "no containerPort 9085" in p for p in problems)
+
+
+# -- GPUs per pod: the ranks of one TorchServe worker ------------------------------------------
+
+
+def _ranks_per_worker(variant: str) -> int:
+    """What TorchServe starts per worker: torchrun's nproc-per-node for a torchrun parallelType."""
+    config = yaml.safe_load(variant_config_file(variant).read_text())
+    if config.get("parallelType") in checks_kserve.TORCHRUN_PARALLEL_TYPES:
+        return config["torchrun"]["nproc-per-node"]
+    return 1
+
+
+@pytest.mark.parametrize("variant", ISVC_VARIANTS)
+def test_each_service_asks_for_the_gpus_its_worker_uses(variant):
+    config = yaml.safe_load(variant_config_file(variant).read_text())
+    model = _isvc(variant)["spec"]["predictor"]["model"]
+    expected = config["maxWorkers"] * _ranks_per_worker(variant)
+    resources = model["resources"]
+    assert int(resources["limits"]["nvidia.com/gpu"]) == int(resources["requests"]["nvidia.com/gpu"]) == expected
+
+
+def test_the_multi_gpu_configs_and_the_4_gpu_service():
+    assert {v: _ranks_per_worker(v) for v in VARIANTS} == {
+        "ti2v-5b": 1, "t2v-a14b": 1, "i2v-a14b": 1, "ti2v-5b-2gpu": 2, "t2v-a14b-4gpu": 4, "i2v-a14b-4gpu": 4}
+    predictor = _isvc("t2v-a14b-4gpu")["spec"]["predictor"]
+    assert predictor["model"]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    # NCCL's /dev/shm: memory-backed, bounded, in the model container.
+    [mount] = [m for m in predictor["model"]["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    [volume] = [v for v in predictor["volumes"] if v["name"] == mount["name"]]
+    assert volume["emptyDir"]["medium"] == "Memory"
+    assert checks_kserve._quantity(volume["emptyDir"]["sizeLimit"]) >= 2**30
+    # ... and it counts against the memory limit, which leaves room for the ranks.
+    limits = predictor["model"]["resources"]["limits"]
+    assert checks_kserve._quantity(limits["memory"]) >= 4 * checks_kserve._quantity(volume["emptyDir"]["sizeLimit"])
+
+
+def test_the_4_gpu_service_is_the_one_gpu_service_with_more_gpus():
+    """Security, scaling and placement settings stay those of wan-t2v-a14b; only what the 4 GPUs
+    change differs."""
+    one, four = copy.deepcopy(_isvc("t2v-a14b")), copy.deepcopy(_isvc("t2v-a14b-4gpu"))
+    for isvc in (one, four):
+        isvc["metadata"].pop("name")
+        isvc["metadata"]["labels"].pop("wan.serving/variant")
+        predictor = isvc["spec"]["predictor"]
+        for key in ("timeout", "volumes"):
+            predictor.pop(key, None)
+        for key in ("storageUri", "resources", "volumeMounts"):
+            predictor["model"].pop(key, None)
+    assert four == one
+    # Timeouts follow the 4-GPU model config (checked against TorchServe's by the validator).
+    assert _isvc("t2v-a14b-4gpu")["spec"]["predictor"]["timeout"] < _isvc("t2v-a14b")["spec"]["predictor"]["timeout"]
+
+
+def _validate_changed(tmp_path: Path, change) -> list:
+    """The 4-GPU service under another name, changed by ``change``, validated with kserve/."""
+    isvc = copy.deepcopy(_isvc("t2v-a14b-4gpu"))
+    isvc["metadata"]["name"] = "wan-t2v-a14b-4gpu-changed"
+    change(isvc["spec"]["predictor"])
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(isvc))
+    problems = validate([KSERVE, path])
+    assert all(p.manifest is not None and p.manifest.path == path.resolve() for p in problems), \
+        "\n".join(map(str, problems))
+    return problems
+
+
+def _set_gpus(count: str):
+    def change(predictor):
+        predictor["model"]["resources"]["limits"]["nvidia.com/gpu"] = count
+        predictor["model"]["resources"]["requests"]["nvidia.com/gpu"] = count
+    return change
+
+
+def _shm_volume(predictor) -> dict:
+    return predictor["volumes"][0]["emptyDir"]
+
+
+@pytest.mark.parametrize(("change", "where", "expected"), [
+    (_set_gpus("2"), "/spec/predictor/model/resources/limits", "the pod needs 4; ranks would find no GPU"),
+    (_set_gpus("8"), "/spec/predictor/model/resources/limits", "the pod needs 4; the other GPUs would sit idle"),
+    (lambda p: p["model"].pop("volumeMounts"), "/spec/predictor/model/volumeMounts", "nothing is mounted at /dev/shm"),
+    (lambda p: _shm_volume(p).pop("medium"), "/spec/predictor/volumes", "must be an emptyDir with medium: Memory"),
+    (lambda p: _shm_volume(p).pop("sizeLimit"), "/spec/predictor/volumes", "needs a sizeLimit"),
+    (lambda p: p["model"]["volumeMounts"][0].update(readOnly=True), "/spec/predictor/model/volumeMounts",
+     "/dev/shm is mounted readOnly"),
+    (lambda p: p.pop("volumes"), "/spec/predictor/volumes", "which neither the predictor nor the runtime declares"),
+], ids=["2-gpus", "8-gpus", "no-mount", "disk-backed", "unbounded", "read-only", "no-volume"])
+def test_the_validator_checks_gpus_and_dev_shm_of_a_multi_gpu_service(tmp_path, change, where, expected):
+    assert _validate_changed(tmp_path, lambda predictor: None) == []
+    problems = _validate_changed(tmp_path, change)
+    assert any(p.where == where and expected in p.message for p in problems), "\n".join(map(str, problems))
+
+
+def test_a_one_gpu_service_with_more_gpus_is_refused(tmp_path):
+    isvc = copy.deepcopy(_isvc("t2v-a14b"))
+    isvc["metadata"]["name"] = "wan-t2v-a14b-changed"
+    _set_gpus("2")(isvc["spec"]["predictor"])
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(isvc))
+    [problem] = validate([KSERVE, path])
+    assert problem.where == "/spec/predictor/model/resources/limits"
+    assert "worker(s) of 1 rank(s)" in problem.message and "the other GPUs would sit idle" in problem.message
+
+
+def test_a_parallel_config_without_a_process_count_is_named(tmp_path):
+    context = _context_with(tmp_path, (REPO_ROOT / "config/kserve/config.properties").read_text())
+    path = tmp_path / "config" / "models" / "t2v-a14b-4gpu.yaml"
+    config = yaml.safe_load(path.read_text())
+    del config["torchrun"]
+    path.write_text(yaml.safe_dump(config))
+    problems = checks_kserve.check_inference_services(load_manifests([KSERVE])[0], context)
+    assert [(p.manifest.name, p.message) for p in problems] == [
+        ("wan-t2v-a14b-4gpu", ("config/models/t2v-a14b-4gpu.yaml: parallelType tp without a torchrun.nproc-per-node "
+                               "(a positive integer): TorchServe would not know how many ranks to start"))]

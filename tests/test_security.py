@@ -41,7 +41,8 @@ PLAIN_DEPLOYMENT = KSERVE / "plain" / "deployment-ti2v-5b.yaml"
 LOCAL_CONFIG = REPO_ROOT / "config" / "config.properties"
 KSERVE_CONFIG = REPO_ROOT / "config" / "kserve" / "config.properties"
 ISVC_FILES = ["kserve/inferenceservice-ti2v-5b.yaml", "kserve/inferenceservice-t2v-a14b.yaml",
-              "kserve/inferenceservice-i2v-a14b.yaml", "kserve/examples/canary-ti2v-5b.yaml"]
+              "kserve/inferenceservice-i2v-a14b.yaml", "kserve/inferenceservice-t2v-a14b-4gpu.yaml",
+              "kserve/examples/canary-ti2v-5b.yaml"]
 
 # Every finding checkov may report, by file, with the reason accepted at its source. Anything else
 # fails the suite; a new acceptance is a deliberate change here and a reason there.

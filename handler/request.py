@@ -158,18 +158,29 @@ def _text(body: Mapping[str, Any], name: str, default: str | None, max_chars: in
 
 
 def _size_for_image(image: Image.Image, defaults: GenerationDefaults, multiple: int,
-                    max_side_px: int) -> tuple[int, int]:
+                    max_side_px: int, patches_divisor: int = 1) -> tuple[int, int]:
     """Default size for an image request: the default pixel area with the image's aspect.
 
     This is how the official generate.py sizes image-to-video (``max_area``). For very wide or
     tall images the area is shrunk until the long side fits ``max_side_px``. The result is
     floored to the variant's multiple, so it never exceeds the area or the side limit.
+    ``patches_divisor``: on a worker that splits the video's tokens over N ranks, the number
+    of patches per frame (width / multiple x height / multiple) must divide by N; the size is
+    then floored further, by whole multiples, to the largest one that does.
     """
     aspect = image.height / image.width
     area = min(defaults.width * defaults.height, max_side_px**2 * min(aspect, 1 / aspect))
     height = max(multiple, round(math.sqrt(area * aspect)) // multiple * multiple)
     width = max(multiple, round(math.sqrt(area / aspect)) // multiple * multiple)
-    return min(width, max_side_px // multiple * multiple), min(height, max_side_px // multiple * multiple)
+    width, height = min(width, max_side_px // multiple * multiple), min(height, max_side_px // multiple * multiple)
+    if patches_divisor > 1:
+        candidates = [(width - i * multiple, height - j * multiple)
+                      for i in range(patches_divisor) for j in range(patches_divisor)]
+        fitting = [(w, h) for w, h in candidates
+                   if w > 0 and h > 0 and (w // multiple) * (h // multiple) % patches_divisor == 0]
+        if fitting:
+            width, height = max(fitting, key=lambda size: (size[0] * size[1], -abs(size[1] / size[0] - aspect)))
+    return width, height
 
 
 def _check_size(name: str, value: int, spec: VariantSpec) -> None:
@@ -188,11 +199,13 @@ def parse_request(
     limits: RequestLimits,
     storage_configured: bool,
     fetch_s3: S3Fetcher | None = None,
+    patches_divisor: int = 1,
 ) -> GenerationRequest:
     """Validate a request body against the contract and the serving variant.
 
     ``storage_configured``: results can be uploaded (output ``url`` allowed and the default).
     ``fetch_s3``: reads ``s3://`` image inputs from allowed buckets; None refuses them.
+    ``patches_divisor``: see ``_size_for_image`` (the size it picks; a size asked for is never changed).
     """
     body = decode_body(body, limits)
     unknown = sorted(set(body) - set(FIELDS))
@@ -230,7 +243,7 @@ def parse_request(
         _check_size("width", width, spec)
         _check_size("height", height, spec)
     elif image is not None:
-        width, height = _size_for_image(image, defaults, spec.size_multiple, limits.max_side_px)
+        width, height = _size_for_image(image, defaults, spec.size_multiple, limits.max_side_px, patches_divisor)
     else:
         width, height = defaults.width, defaults.height
     if width * height > limits.max_pixels:

@@ -109,8 +109,11 @@ class WanService:
 
     def parse(self, body: Any, enveloped: bool = False) -> GenerationRequest:
         reads_s3 = self.storage is not None and bool(self.storage.config.input_buckets)
+        group = self.pipeline.group
         request = parse_request(body, self.spec, self.defaults, self.config.limits, self.storage_configured,
-                                fetch_s3=self._fetch_s3 if reads_s3 else None)
+                                fetch_s3=self._fetch_s3 if reads_s3 else None,
+                                # The size chosen for an image must split over the sequence ranks.
+                                patches_divisor=group.layout.ulysses_degree if group else 1)
         if enveloped and (request.stream or request.output is OutputKind.MP4):
             # The KServe envelopes wrap every answer in a JSON document and KServe's proxy does
             # not pass streams through: only JSON outputs make sense there.

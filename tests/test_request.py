@@ -807,3 +807,21 @@ def test_body_at_the_byte_limit_is_accepted():
 def test_default_body_limit():
     body = b" " * (LIMITS.max_body_bytes + 1)
     reject(body, field=None, words="limit", exc_class=PayloadTooLarge)
+
+
+@pytest.mark.parametrize("image_size", [(4000, 3000), (3000, 2000), (800, 1000), (1920, 1080), (1000, 1000)])
+def test_the_size_picked_for_an_image_splits_over_sequence_ranks(image_size):
+    from PIL import Image
+
+    from handler.request import _size_for_image
+    from handler.variants import VARIANTS
+
+    defaults = VARIANTS["i2v-a14b"].defaults
+    image = Image.new("RGB", image_size)
+    one = _size_for_image(image, defaults, 16, 1280)
+    split = _size_for_image(image, defaults, 16, 1280, patches_divisor=2)
+    assert (split[0] // 16) * (split[1] // 16) % 2 == 0
+    # Floored by at most one step per side, never grown past the one-GPU size.
+    assert one[0] - 16 <= split[0] <= one[0] and one[1] - 16 <= split[1] <= one[1]
+    if (one[0] // 16) * (one[1] // 16) % 2 == 0:
+        assert split == one

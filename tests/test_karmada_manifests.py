@@ -100,7 +100,7 @@ spec:
         requests: {{cpu: "8", memory: 96Gi, nvidia.com/gpu: "1"}}
         limits: {{memory: 128Gi, nvidia.com/gpu: "1"}}
 """
-VARIANTS = {"ti2v-5b": 4, "t2v-a14b": 2, "i2v-a14b": 2}
+VARIANTS = {"ti2v-5b": 4, "t2v-a14b": 2, "i2v-a14b": 2, "t2v-a14b-4gpu": 2}
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_the_repository_passes_the_whole_validator():
     manifests, _ = load_manifests([KSERVE])
     have = {m.name for m in manifests if m.kind == "InferenceService"}
     if not {f"wan-{v}" for v in VARIANTS} <= have:
-        pytest.skip(f"kserve/ does not ship the three InferenceServices yet (has {sorted(have)})")
+        pytest.skip(f"kserve/ does not ship the InferenceServices yet (has {sorted(have)})")
     assert [str(p) for p in validate([KARMADA, KSERVE])] == []
 
 
@@ -187,6 +187,17 @@ def test_placement_private_first_then_public(standin, crds):
     assert world.choosable(world.claim(pvc)[0]) == {"wan-private"}
     runtime = world.find(*ck.CLUSTER_SERVING_RUNTIME, None, "wan-torchserve")
     assert world.choosable(world.claim(runtime)[0]) == {"wan-private", "wan-public-spot"}
+
+
+def test_the_four_gpu_service_reads_its_own_store_in_each_cluster(standin, crds):
+    world = good_world(standin, crds)
+    obj = world.find(*ck.INFERENCE_SERVICE, "wan", "wan-t2v-a14b-4gpu")
+    private, problems = ck.effective(world, obj, world.cluster("wan-private"))
+    assert problems == []
+    public, problems = ck.effective(world, obj, world.cluster("wan-public-spot"))
+    assert problems == []
+    assert private["spec"]["predictor"]["model"]["storageUri"] == "pvc://wan-model-store/t2v-a14b-4gpu"
+    assert public["spec"]["predictor"]["model"]["storageUri"] == "s3://wan-models-eu-west-1/t2v-a14b-4gpu"
 
 
 def test_per_cluster_objects_after_the_overrides(standin, crds):

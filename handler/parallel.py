@@ -15,8 +15,10 @@ client (its intermediate responses too). Here:
   decodes the latents with the VAE and encodes the MP4.
 - Stopping (the deadline) is agreed at every step, so all ranks stop at the same step. A failure
   inside the collective part (out of memory in one rank, say) leaves the others waiting in a
-  collective that will never complete: that worker cannot serve again, so it restarts. The
-  leader answers first when it is the one that failed.
+  collective that will never complete: that worker cannot serve again, so the failing rank exits,
+  torchrun stops the others and TorchServe answers "Worker died." and starts the worker again.
+  Even the leader exits without answering: once another rank's connection has closed, TorchServe
+  has answered already, and a late answer would be taken for the next request's.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import faulthandler
 import logging
 import os
 import signal
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,9 +41,6 @@ from handler.errors import ConfigError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
-# Seconds the leader waits after a failure before exiting: its error reply leaves through
-# TorchServe's socket as soon as handle() returns, well within this.
-EXIT_AFTER_REPLY_S = 2.0
 # Exit status of a rank that gives up after a failure in a collective; torchrun then stops the
 # other ranks and TorchServe starts the worker again.
 EXIT_STATUS_COLLECTIVE_BROKEN = 70
@@ -168,15 +166,12 @@ class RankGroup:
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, CFG_HOOK_NAME)
         return hook
 
-    def give_up(self, reason: str, after_s: float = 0.0) -> None:
+    def give_up(self, reason: str) -> None:
         """Leave the worker after a failure inside a collective; torchrun stops the other ranks
         and TorchServe starts the worker again."""
         log.error("rank %d: %s; the worker restarts", self.layout.rank, reason)
-        if after_s <= 0:
-            os._exit(EXIT_STATUS_COLLECTIVE_BROKEN)
-        timer = threading.Timer(after_s, os._exit, args=(EXIT_STATUS_COLLECTIVE_BROKEN,))
-        timer.daemon = True
-        timer.start()
+        logging.shutdown()  # the reason must reach the log before the process is gone
+        os._exit(EXIT_STATUS_COLLECTIVE_BROKEN)
 
 
 def _resolve_on_cpu(transformer: torch.nn.Module, layout: RankLayout) -> None:

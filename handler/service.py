@@ -21,7 +21,7 @@ import torch
 
 from handler.config import HandlerConfig, load_handler_config
 from handler.errors import DeadlineExceeded, InternalError, InvalidRequest, OutOfMemory, WanError
-from handler.parallel import EXIT_AFTER_REPLY_S, RankGroup
+from handler.parallel import RankGroup
 from handler.pipeline import CollectiveBroken, WanVideoPipeline, pick_device
 from handler.request import GenerationRequest, OutputKind, parse_request
 from handler.storage import ObjectStore, StorageConfig, StorageUnavailable
@@ -194,10 +194,10 @@ class WanService:
 
     def _as_wan_error(self, exc: Exception, request_id: str) -> WanError:
         if isinstance(exc, CollectiveBroken):
-            # The other ranks may wait forever for this one: answer, then restart the worker.
-            error = self._as_wan_error(exc.__cause__, request_id)
-            self.pipeline.group.give_up(f"request {request_id} failed: {exc}", after_s=EXIT_AFTER_REPLY_S)
-            return error.__class__(f"{error.message}; this multi-GPU worker restarts", error.field)
+            # The other ranks may wait forever for this one: the worker must restart. No reply:
+            # TorchServe may already have answered "Worker died." (another rank's connection
+            # closed), and a late reply would be read as the answer to the next request.
+            self.pipeline.group.give_up(f"request {request_id} failed: {exc}")
         if isinstance(exc, WanError):
             if exc.http_status >= 500:
                 log.error("request %s failed: %s", request_id, exc.message)

@@ -215,10 +215,11 @@ def test_two_ranks_stop_together_at_the_deadline_and_keep_serving(two_rank_serve
     assert {p.pid for p in _ranks(two_rank_server)} == ranks_before  # no rank restarted
 
 
-def test_a_rank_killed_mid_generation_gets_an_error_and_the_worker_comes_back(two_rank_server):
+@pytest.mark.parametrize("rank", ["1", "0"], ids=["follower", "leader"])
+def test_a_rank_killed_mid_generation_gets_an_error_and_the_worker_comes_back(two_rank_server, rank):
     ranks = _ranks(two_rank_server)
     # TorchServe reports whichever rank printed its pid last; torchrun's RANK says which is which.
-    follower = next(p for p in ranks if p.environ().get("RANK") == "1")
+    victim = next(p for p in ranks if p.environ().get("RANK") == rank)
     reported_pid, _ = two_rank_server.wait_ready()
     answer: dict = {}
 
@@ -229,7 +230,7 @@ def test_a_rank_killed_mid_generation_gets_an_error_and_the_worker_comes_back(tw
     thread = threading.Thread(target=send, daemon=True)
     thread.start()
     time.sleep(1.5)
-    os.kill(follower.pid, signal.SIGKILL)
+    os.kill(victim.pid, signal.SIGKILL)
     thread.join(60)
     assert not thread.is_alive()
     assert answer["status"] >= 500 and "Worker died" in answer["body"]

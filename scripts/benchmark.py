@@ -429,7 +429,8 @@ _STAGE_COLORS = {"generate": "#7f7f7f", "text_encode": "#9467bd", "denoise": "#1
 
 
 def chart(paths: list[str], out: str) -> None:
-    """Stacked seconds per stage for each benchmark file: baseline, in-process, TorchServe."""
+    """Stacked seconds per stage for each benchmark file: baseline, in-process, TorchServe, and
+    each rank count of the parallel stage."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -452,6 +453,9 @@ def chart(paths: list[str], out: str) -> None:
             inner = {s: statistics.median(r[f"{s}_s"] for r in ts["runs"]) for s in stages}
             inner["serving"] = max(0.0, ts["latency_median_s"] - sum(inner.values()))
             stacks.append(inner)
+        for nproc, run in result.get("parallel", {}).get("runs", {}).items():
+            labels.append(f"ours on\n{nproc} GPU{'s' if nproc != '1' else ''}")
+            stacks.append({s: run[f"{s}_median_s"] for s in stages})
         bottoms = [0.0] * len(stacks)
         for key, color in _STAGE_COLORS.items():
             values = [stack.get(key, 0.0) for stack in stacks]

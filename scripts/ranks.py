@@ -38,7 +38,12 @@ def run(model_yaml: dict[str, Any], model_dir: Path, requests: list[dict[str, An
     if frames and leader:
         # Keep the frames the service produced, before its MP4 encoder (no second generation).
         generate = service.pipeline.generate
-        service.pipeline.generate = lambda *args, **kwargs: generated.append(generate(*args, **kwargs)) or generated[-1]
+
+        def generate_and_keep(*args, **kwargs):
+            generated.append(generate(*args, **kwargs))
+            return generated[-1]
+
+        service.pipeline.generate = generate_and_keep
     answers = []
     for index, body in enumerate(requests):
         _sync(gpu)

@@ -239,3 +239,21 @@ def test_a_rank_killed_mid_generation_gets_an_error_and_the_worker_comes_back(tw
     assert len(_ranks(two_rank_server)) == 2
     after = two_rank_server.post({"prompt": "after", **SMALL, "output": "inline"})
     assert after.status_code == 200 and campaign.video_problem(after, SMALL) is None
+
+
+def test_benchmark_parallel_stage_records_speedup_and_frame_difference(tmp_path):
+    """The GPU benchmark's parallel stage, on CPU: both rank counts run, per-stage speedups and the
+    frame difference are recorded, and the chart draws them."""
+    from scripts import benchmark
+
+    out = tmp_path / "parallel.json"
+    benchmark.main(["--size", "tiny", "--checkpoint", str(tmp_path / "weights"), "--stages", "build,parallel",
+                    "--nproc", "1,2", "--width", "128", "--height", "128", "--num-frames", "9", "--steps", "2",
+                    "--out", str(out)])
+    runs = json.loads(out.read_text())["parallel"]["runs"]
+    assert set(runs) == {"1", "2"}
+    assert runs["2"]["cfg_degree"] == 2
+    assert set(runs["2"]["speedup"]) >= {"wall_median_s", "denoise_median_s", "vae_decode_median_s"}
+    assert runs["2"]["frames_vs_1"]["max_abs"] == 0
+    benchmark.chart([str(out)], str(tmp_path / "chart.png"))
+    assert (tmp_path / "chart.png").stat().st_size > 0

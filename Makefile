@@ -55,7 +55,7 @@ bench-cpu: $(STAMP)
 		--checkpoint /tmp/cpu-bench --stages build,baseline,inprocess,torchserve --repeat 10 \
 		--out benchmarks/results/cpu-tiny-ti2v-256x256x33.json
 
-# The reliability campaign of RELIABILITY.md (about 15 minutes): load, faults, hostile input, each
+# The reliability campaign of RELIABILITY.md (about 10 minutes on 2 cores): load, faults, hostile input, each
 # on a fresh TorchServe. make test runs the same scenarios at --quick sizes.
 campaign: $(STAMP)
 	$(PY) -m scripts.campaign --out reliability/results/campaign.json

@@ -29,7 +29,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -166,7 +166,7 @@ class RankGroup:
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, CFG_HOOK_NAME)
         return hook
 
-    def give_up(self, reason: str) -> None:
+    def give_up(self, reason: str) -> NoReturn:
         """Leave the worker after a failure inside a collective; torchrun stops the other ranks
         and TorchServe starts the worker again."""
         log.error("rank %d: %s; the worker restarts", self.layout.rank, reason)

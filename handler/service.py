@@ -168,6 +168,11 @@ class WanService:
             if streaming:
                 return Reply(body=ndjson_line({"event": "result", **result}), content_type=NDJSON_CONTENT_TYPE)
             return Reply(body=result)
+        except CollectiveBroken as exc:
+            # The other ranks may wait forever for this one: the worker must restart. No reply:
+            # TorchServe may already have answered "Worker died." (another rank's connection
+            # closed), and a late reply would be read as the answer to the next request.
+            self.pipeline.group.give_up(f"request {request_id} failed: {exc}")
         except Exception as exc:  # noqa: BLE001 - the one place where failures become responses
             error = self._as_wan_error(exc, request_id)
         if isinstance(error, OutOfMemory):
@@ -193,11 +198,6 @@ class WanService:
         return Reply(body={"rank": self.pipeline.group.layout.rank, "generated": True})
 
     def _as_wan_error(self, exc: Exception, request_id: str) -> WanError:
-        if isinstance(exc, CollectiveBroken):
-            # The other ranks may wait forever for this one: the worker must restart. No reply:
-            # TorchServe may already have answered "Worker died." (another rank's connection
-            # closed), and a late reply would be read as the answer to the next request.
-            self.pipeline.group.give_up(f"request {request_id} failed: {exc}")
         if isinstance(exc, WanError):
             if exc.http_status >= 500:
                 log.error("request %s failed: %s", request_id, exc.message)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -407,7 +408,7 @@ class WanVideoPipeline:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        _malloc_trim()
+        trim_host_heap()
 
 
 class _FrameStreamer:
@@ -462,10 +463,16 @@ def _to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return (video.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
-def _malloc_trim() -> None:
+def trim_host_heap() -> None:
     """glibc's malloc_trim(0): return free heap pages to the system. A no-op elsewhere."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl)
-        return
-    libc.malloc_trim(0)
+        return None

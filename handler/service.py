@@ -22,7 +22,7 @@ import torch
 from handler.config import HandlerConfig, load_handler_config
 from handler.errors import DeadlineExceeded, InternalError, InvalidRequest, OutOfMemory, WanError
 from handler.parallel import RankGroup
-from handler.pipeline import CollectiveBroken, WanVideoPipeline, pick_device
+from handler.pipeline import CollectiveBroken, WanVideoPipeline, pick_device, trim_host_heap
 from handler.request import GenerationRequest, OutputKind, parse_request
 from handler.storage import ObjectStore, StorageConfig, StorageUnavailable
 from handler.video import MP4_CONTENT_TYPE, Mp4Encoder, encode_mp4
@@ -132,7 +132,20 @@ class WanService:
         decides and answers, the others follow (``_follow``)."""
         group = self.pipeline.group
         if group is not None and not group.is_leader:
-            return self._follow(request_id)
+            reply = self._follow(request_id)
+        else:
+            reply = self._lead(body, request_id, emit, enveloped)
+        # glibc keeps the pages a request freed (frames, decode buffers, the encoder's) in its
+        # arenas: without this the worker's RSS grew by ~0.3 MiB per request (+70 MiB over 240
+        # small ones, no Python object left behind) and held a big request's ~270 MiB until a
+        # later one reused it. Measured cost: 2 ms after a small request, 13 ms after one that
+        # freed 270 MiB (RELIABILITY.md).
+        trim_host_heap()
+        return reply
+
+    def _lead(self, body: Any, request_id: str, emit: Emit | None, enveloped: bool) -> Reply:
+        """The answer to one request: on one process, or as the leader of several ranks."""
+        group = self.pipeline.group
         started = time.perf_counter()
         streaming = False
         lines_sent = 0

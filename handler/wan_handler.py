@@ -13,27 +13,15 @@ from http import HTTPStatus
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.errors import InvalidRequest
-from handler.service import NDJSON_CONTENT_TYPE, WanService
+from handler.envelopes import Envelope, Protocol, detect, open_envelope
+from handler.errors import InternalError, InvalidRequest, WanError
+from handler.request import decode_body
+from handler.service import NDJSON_CONTENT_TYPE, Reply, WanService
 
-# Keys of an Open Inference Protocol (KServe v2) input, as the kservev2 envelope hands it over.
-_V2_INPUT_KEYS = {"name", "datatype", "data"}
-
-
-def _unwrap(row):
-    """Return (body, enveloped).
-
-    Plain TorchServe rows are ``{"body"|"data": ...}``. Under the KServe v1 envelope the
-    handler receives each ``instances`` item itself; under v2, each input
-    ``{"name", "shape", "datatype": "BYTES", "data": <the request as JSON text>}``.
-    """
-    if isinstance(row, dict) and set(row) <= {"body", "data"}:
-        # An empty row is what TorchServe passes when the body was not JSON it could keep
-        # (a form-encoded post, say): report it as a missing body, not as a bad instance.
-        return row.get("body") if row.get("body") is not None else row.get("data"), False
-    if isinstance(row, dict) and _V2_INPUT_KEYS <= set(row):
-        return row["data"], True
-    return row, True
+# TorchServe hands each request over as {"body": <JSON it decoded>} or {"data": <bytes>}; {}
+# when it kept nothing (a form-encoded post). Any other row was unwrapped by TorchServe's own
+# KServe envelope, which must be off (handler/envelopes.py says why).
+_ROW_KEYS = {"body", "data"}
 
 
 class WanVideoHandler(BaseHandler):
@@ -49,32 +37,43 @@ class WanVideoHandler(BaseHandler):
 
     def handle(self, data, context):
         self.context = context
-        if not isinstance(data, list) or not data:
-            # The KServe v1 envelope hands over None when "instances" is missing.
-            return self._refuse(context, 1, InvalidRequest(
-                'expected {"instances": [request]} (KServe v1) or one JSON request', "instances"))
-        if len(data) > 1 and _unwrap(data[0])[1]:
-            # Several instances in one KServe request share one HTTP status; each is a video
-            # of minutes. Refuse up front rather than finish some and lose them on one error.
-            return self._refuse(context, len(data), InvalidRequest(
-                f"send one instance per request (got {len(data)}): each is a video that takes minutes",
-                "instances"))
+        if not isinstance(data, list) or not all(isinstance(row, dict) and set(row) <= _ROW_KEYS for row in data):
+            # Every rank of a multi-GPU worker sees the same rows: they all refuse alike.
+            return self._answer_all(context, max(1, len(data) if isinstance(data, list) else 1), InternalError(
+                "TorchServe's KServe envelope is on (TS_SERVICE_ENVELOPE or service_envelope): turn it off; "
+                "this handler reads KServe v1 and v2 requests itself"))
         replies = []
         for index, row in enumerate(data):
-            body, enveloped = _unwrap(row)
             request_id = context.get_request_id(index) or f"req-{index}"
-            reply = self.service.handle(body, request_id, self._emitter(context, index), enveloped)
+            envelope, reply = self._answer(row, request_id, context, index)
             context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, index)
             context.set_response_content_type(index, reply.content_type)
             for name, value in reply.headers.items():
                 context.set_response_header(index, name, value)
-            replies.append(reply.body)
+            replies.append(envelope.wrap(reply.body, self.service.model.get("name", ""),
+                                         self.service.model.get("version", ""), request_id))
         return replies
 
+    def _answer(self, row: dict, request_id: str, context, index: int) -> tuple[Envelope, Reply]:
+        envelope = Envelope(Protocol.PLAIN)
+        try:
+            if context.get_request_header(index, "explain") == "True":
+                raise InvalidRequest("explanations are not served for video generation: use :predict or "
+                                     "/predictions", None)
+            raw = row.get("body") if row.get("body") is not None else row.get("data")
+            # Decoded here (a malformed body is refused as the service would) to see its shape.
+            body = decode_body(raw, self.service.config.limits)
+            envelope = detect(body)  # known before opening it: its errors leave wrapped the same way
+            envelope, body = open_envelope(envelope, body)
+        except WanError as error:
+            return envelope, Reply(body=error.to_body(), status=error.http_status)
+        return envelope, self.service.handle(body, request_id, self._emitter(context, index), envelope.wrapped)
+
     @staticmethod
-    def _refuse(context, count: int, error: InvalidRequest) -> list:
-        context.set_response_status(error.http_status, HTTPStatus(error.http_status).phrase, 0)
-        context.set_response_content_type(0, "application/json")
+    def _answer_all(context, count: int, error: WanError) -> list:
+        for index in range(count):
+            context.set_response_status(error.http_status, HTTPStatus(error.http_status).phrase, index)
+            context.set_response_content_type(index, "application/json")
         return [error.to_body()] * count
 
     @staticmethod

@@ -103,17 +103,6 @@ def torchserve(tmp_path_factory, server_weights):
     stop(server.layout)
 
 
-@pytest.fixture(scope="session")
-def torchserve_kserve(tmp_path_factory, server_weights):
-    """A server with the KServe v1 envelope, switched on as KServe does: TS_SERVICE_ENVELOPE."""
-    server = start_server(
-        tmp_path_factory.mktemp("torchserve-kserve"), server_weights,
-        extra_properties="enable_envvars_config=true\n", extra_env={"TS_SERVICE_ENVELOPE": "kserve"},
-    )
-    yield server
-    stop(server.layout)
-
-
 @pytest.fixture(autouse=True, scope="session")
 def _offline():
     os.environ["HF_HUB_OFFLINE"] = "1"

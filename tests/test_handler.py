@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import struct
@@ -72,13 +73,82 @@ def test_missing_body_is_400(handler_and_context):
     assert "Content-Type: application/json" in reply["error"]["message"]
 
 
-def test_kserve_instances_are_recognised_as_enveloped(handler_and_context):
+def test_kserve_v1_body_is_answered_as_predictions(handler_and_context):
     handler, context = handler_and_context
     _prepare(context)
-    # Under the KServe envelope TorchServe passes the instances themselves, not {"body": ...}.
-    [reply] = handler.handle([{"prompt": "a cat", "output": "mp4"}], context)
+    [reply] = handler.handle([{"body": {"instances": [{"prompt": "a cat", "seed": 8}]}}], context)
+    assert context.get_response_status(0) == (200, "OK")
+    [prediction] = reply["predictions"]
+    assert prediction["seed"] == 8 and probe_mp4(base64.b64decode(prediction["video"]["base64"])).num_frames > 0
+
+
+def test_kserve_v1_error_keeps_its_status_inside_predictions(handler_and_context):
+    handler, context = handler_and_context
+    _prepare(context)
+    [reply] = handler.handle([{"body": {"instances": [{"prompt": "a cat", "output": "mp4"}]}}], context)
     assert context.get_response_status(0)[0] == 400
-    assert "envelope" in reply["error"]["message"]
+    assert reply["predictions"][0]["error"]["field"] == "output"  # mp4 cannot travel in a JSON envelope
+
+
+def _v2(request, **extra):
+    item = {"name": "wan-request", "shape": [1], "datatype": "BYTES", "data": [json.dumps(request)]}
+    return {"id": "call-7", "inputs": [dict(item, **extra)]}
+
+
+def test_kserve_v2_body_is_answered_in_the_open_inference_protocol(handler_and_context):
+    handler, context = handler_and_context
+    _prepare(context)
+    [reply] = handler.handle([{"data": json.dumps(_v2({"prompt": "a cat", "seed": 4})).encode()}], context)
+    assert context.get_response_status(0)[0] == 200
+    assert (reply["id"], reply["model_name"]) == ("call-7", "wan")
+    [output] = reply["outputs"]
+    assert (output["name"], output["datatype"], output["shape"]) == ("wan-request", "BYTES", [1])
+    assert output["data"][0]["seed"] == 4
+
+
+@pytest.mark.parametrize(("body", "field", "words"), [
+    ({"instances": "a cat"}, "instances", "must be a list"),
+    ({"instances": []}, "instances", "got 0"),
+    ({"instances": [{"prompt": "a"}, {"prompt": "b"}]}, "instances", "one request per call (got 2"),
+    ({"instances": [{"prompt": "a"}], "signature_name": "x"}, "signature_name", "unknown field"),
+    ({"inputs": "x"}, "inputs", "must be a list"),
+    ({"inputs": [1]}, "inputs", "must be an object"),
+    (_v2({"prompt": "a"}, datatype="FP32"), "inputs", 'must be "BYTES"'),
+    (_v2({"prompt": "a"}, shape=[2]), "inputs", "shape must be [1]"),
+    (_v2({"prompt": "a"}, name=""), "inputs", "name"),
+    (_v2({"prompt": "a"}, data=["{}", "{}"]), "inputs", "got 2"),
+    (dict(_v2({"prompt": "a"}), id=5), "id", "string"),
+    (dict(_v2({"prompt": "a"}), parameters={"x": 1}), "parameters", "unknown field"),
+    (_v2({"prompt": "a"}, data=["not json"]), None, "not valid JSON"),
+    (_v2({"prompt": "a", "num_frames": 10}), "num_frames", "num_frames"),
+])
+def test_malformed_kserve_bodies_are_400s_naming_the_problem(handler_and_context, monkeypatch, body, field, words):
+    """TorchServe's own envelope answered these with 503 "Prediction failed"."""
+    handler, context = handler_and_context
+    _prepare(context)
+    if field != "num_frames":  # refused before anything is generated
+        monkeypatch.setattr(handler.service.pipeline, "generate", lambda *a, **k: pytest.fail("must not generate"))
+    [reply] = handler.handle([{"body": body}], context)
+    assert context.get_response_status(0)[0] == 400
+    error = reply["predictions"][0]["error"] if "instances" in body else reply["outputs"][0]["data"][0]["error"]
+    assert error["field"] == field and words in error["message"]
+
+
+def test_rows_unwrapped_by_torchserves_own_envelope_are_refused_as_a_misconfiguration(handler_and_context):
+    handler, context = handler_and_context
+    _prepare(context)
+    # TS_SERVICE_ENVELOPE=kserve hands over the instances themselves, not {"body": ...}.
+    [reply] = handler.handle([{"prompt": "a cat"}], context)
+    assert context.get_response_status(0)[0] == 500
+    assert "TS_SERVICE_ENVELOPE" in reply["error"]["message"]
+
+
+def test_explain_is_refused(handler_and_context):
+    handler, context = handler_and_context
+    _prepare(context)
+    context.request_processor = [RequestProcessor({"explain": "True"})]
+    [reply] = handler.handle([{"body": {"prompt": "a cat"}}], context)
+    assert context.get_response_status(0)[0] == 400 and "explanations" in reply["error"]["message"]
 
 
 def _read_frames(sock) -> list[bytes]:
@@ -136,20 +206,3 @@ def test_streaming_goes_out_as_intermediate_responses(handler_and_context):
     assert [e["step"] for e in events] == [1, 2, 3]
     assert context.get_response_content_type(0) == "application/x-ndjson"
     assert json.loads(final)["event"] == "result"
-
-
-def test_kserve_v2_input_row_carries_the_request_as_json_text(handler_and_context):
-    handler, context = handler_and_context
-    _prepare(context)
-    row = {"name": "request", "shape": [1], "datatype": "BYTES", "data": json.dumps({"prompt": "a cat", "seed": 4})}
-    [reply] = handler.handle([row], context)
-    assert context.get_response_status(0)[0] == 200 and reply["seed"] == 4
-
-
-def test_several_instances_are_refused_before_any_generation(handler_and_context, monkeypatch):
-    handler, context = handler_and_context
-    _prepare(context)
-    monkeypatch.setattr(handler.service, "handle", lambda *a, **k: pytest.fail("must not generate"))
-    replies = handler.handle([{"prompt": "a"}, {"prompt": "b"}], context)
-    assert context.get_response_status(0)[0] == 400
-    assert len(replies) == 2 and replies[0]["error"]["field"] == "instances"

@@ -176,14 +176,3 @@ def test_client_streams_progress_and_saves_the_video(torchserve, tmp_path):
     with pytest.raises(ServerError) as raised:
         client.generate(dict(SMALL_BODY, num_frames=8))
     assert raised.value.status == 400
-
-
-def test_kserve_v1_envelope(torchserve_kserve):
-    body = {"instances": [dict(SMALL_BODY, seed=9)]}
-    response = torchserve_kserve.predict(body)
-    assert response.status_code == 200, response.text
-    [prediction] = response.json()["predictions"]
-    assert prediction["seed"] == 9
-    assert probe_mp4(base64.b64decode(prediction["video"]["base64"])).num_frames == SMALL["num_frames"]
-    response = torchserve_kserve.predict({"instances": [dict(SMALL_BODY, output="mp4")]})
-    assert response.status_code == 400

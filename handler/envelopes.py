@@ -1,0 +1,130 @@
+"""KServe's request and response bodies (protocol v1 and v2), read and written by the handler.
+
+TorchServe can unwrap these itself (its ``service_envelope`` / ``TS_SERVICE_ENVELOPE``), but it
+does so before the handler runs: a malformed body (not JSON, a list, ``{"inputs": "x"}``) raises
+inside TorchServe and the client gets 503 "Prediction failed", which reads as "retry", for
+what is its own mistake. So TorchServe's envelope stays off and the body's shape says which
+protocol a request speaks, on every inference path (``/v1/models/wan:predict``,
+``/v2/models/wan/infer``, ``/predictions/wan``):
+
+- ``{"instances": [request]}``: v1, answered ``{"predictions": [answer]}``;
+- ``{"inputs": [{"name", "datatype": "BYTES", "shape", "data": [request]}], "id"?}``: the Open
+  Inference Protocol (v2), answered ``{"id", "model_name", "model_version", "outputs":
+  [{"name", "datatype": "BYTES", "shape": [1], "data": [answer]}]}``;
+- anything else: the request itself, answered as it is.
+
+The answer, error or not, goes in the same wrapping with its own HTTP status, as TorchServe's
+envelopes did. Both carry exactly one request: each is a video of minutes, and several in one
+HTTP exchange would share one status (a failure would lose the finished ones).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from handler.errors import InvalidRequest
+
+
+class Protocol(enum.Enum):
+    PLAIN = "plain"
+    KSERVE_V1 = "v1"
+    KSERVE_V2 = "v2"
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """How one request arrived, so that its answer leaves the same way."""
+
+    protocol: Protocol
+    request_id: str | None = None  # v2's optional "id", echoed in the answer
+    input_name: str = "request"  # v2's input name, echoed as the output's name
+
+    @property
+    def wrapped(self) -> bool:
+        return self.protocol is not Protocol.PLAIN
+
+    def wrap(self, answer: Any, model_name: str, model_version: str, request_id: str) -> Any:
+        """The answer (a JSON-able body, or bytes for a plain MP4) in this protocol's response."""
+        if self.protocol is Protocol.KSERVE_V1:
+            return {"predictions": [answer]}
+        if self.protocol is Protocol.KSERVE_V2:
+            return {
+                "id": self.request_id or request_id,
+                "model_name": model_name,
+                "model_version": model_version,
+                "outputs": [{"name": self.input_name, "datatype": "BYTES", "shape": [1], "data": [answer]}],
+            }
+        return answer
+
+
+def detect(body: Any) -> Envelope:
+    """The protocol a decoded body speaks, from its keys alone (never raises): neither
+    ``instances`` nor ``inputs`` is a field of a request, so the shapes cannot be confused."""
+    if isinstance(body, dict):
+        if "instances" in body:
+            return Envelope(Protocol.KSERVE_V1)
+        if "inputs" in body:
+            request_id = body.get("id")
+            return Envelope(Protocol.KSERVE_V2, request_id=request_id if isinstance(request_id, str) else None)
+    return Envelope(Protocol.PLAIN)
+
+
+def open_envelope(envelope: Envelope, body: Any) -> tuple[Envelope, Any]:
+    """The request inside ``body`` (and the envelope, with v2's input name once known).
+
+    Raises InvalidRequest naming what is wrong with the envelope; the request itself is the
+    request parser's to check."""
+    if envelope.protocol is Protocol.KSERVE_V1:
+        _no_other_keys(body, {"instances"}, "a KServe v1 request")
+        return envelope, _only(body["instances"], "instances", '{"instances": [request]}')
+    if envelope.protocol is Protocol.KSERVE_V2:
+        # No "parameters" or requested "outputs": nothing here would honour them.
+        _no_other_keys(body, {"id", "inputs"}, "an Open Inference Protocol request")
+        if "id" in body and not isinstance(body["id"], str):
+            raise InvalidRequest("id must be a string", "id")
+        item = _only(body["inputs"], "inputs", '{"inputs": [{"name": ..., "datatype": "BYTES", "shape": [1], '
+                                               '"data": [request as JSON text]}]}')
+        if not isinstance(item, dict):
+            raise InvalidRequest("inputs[0] must be an object with name, datatype, shape and data", "inputs")
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("inputs[0].name must be a non-empty string", "inputs")
+        if item.get("datatype") != "BYTES":
+            raise InvalidRequest(f'inputs[0].datatype must be "BYTES" (the request as JSON text), '
+                                 f"got {_short(item.get('datatype'))}", "inputs")
+        if item.get("shape") != [1]:
+            raise InvalidRequest(f"inputs[0].shape must be [1] (one request), got {_short(item.get('shape'))}",
+                                 "inputs")
+        data = item.get("data")
+        # BYTES data is a list of elements; a bare element is accepted as that list of one.
+        request = _only(data, "inputs", "inputs[0].data: [request as JSON text]") if isinstance(data, list) else data
+        if isinstance(request, str):
+            request = request.encode("utf-8")  # the request parser reads it as a body (size limit first)
+        return Envelope(Protocol.KSERVE_V2, envelope.request_id, name), request
+    return envelope, body
+
+
+def _no_other_keys(body: dict, allowed: set[str], what: str) -> None:
+    extra = sorted(set(body) - allowed, key=str)
+    if extra:
+        shown = ", ".join(str(key)[:40] for key in extra[:5])
+        raise InvalidRequest(f"unknown field(s) in {what}: {shown}; accepted: {', '.join(sorted(allowed))}", extra[0])
+
+
+def _only(items: Any, field: str, shape: str) -> Any:
+    if not isinstance(items, list):
+        raise InvalidRequest(f"{field} must be a list holding one request: {shape}", field)
+    if len(items) != 1:
+        raise InvalidRequest(f"send one request per call (got {len(items)} in {field}): each is a video "
+                             "that takes minutes, and several would share one status", field)
+    return items[0]
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list) and len(value) <= 4 and all(isinstance(v, int) for v in value):
+        return json.dumps(value)
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+    return text if len(text) <= 40 else text[:40] + "..."

@@ -83,7 +83,7 @@ def open_envelope(envelope: Envelope, body: Any) -> tuple[Envelope, Any]:
     if envelope.protocol is Protocol.KSERVE_V2:
         # No "parameters" or requested "outputs": nothing here would honour them.
         _no_other_keys(body, {"id", "inputs"}, "an Open Inference Protocol request")
-        if "id" in body and not isinstance(body["id"], str):
+        if body.get("id") is not None and not isinstance(body["id"], str):  # null: not given
             raise InvalidRequest("id must be a string", "id")
         item = _only(body["inputs"], "inputs", '{"inputs": [{"name": ..., "datatype": "BYTES", "shape": [1], '
                                                '"data": [request as JSON text]}]}')

@@ -23,9 +23,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from handler.config import RequestLimits
+from handler.envelopes import detect, open_envelope
 from handler.errors import InvalidRequest, PayloadTooLarge
 from handler.images import MIN_IMAGE_SIDE_PX, decode_image
-from handler.request import FIELDS, MAX_SEED, GenerationRequest, OutputKind, parse_request
+from handler.request import FIELDS, MAX_SEED, GenerationRequest, OutputKind, decode_body, parse_request
 from handler.variants import I2V_A14B, T2V_A14B, TI2V_5B
 
 EXAMPLES = int(os.environ.get("WAN_FUZZ_EXAMPLES", "150"))
@@ -136,6 +137,38 @@ def test_any_body_gives_a_request_within_the_limits_or_a_4xx(body, spec, storage
         check_request(result, spec, storage)
     else:
         check_error(result, body)
+
+
+# KServe bodies (handler/envelopes.py): well-formed and broken v1 and v2 wrappings of any body.
+v2_inputs = st.fixed_dictionaries({}, optional={
+    "name": any_text | json_values, "datatype": st.sampled_from(["BYTES", "FP32"]) | json_values,
+    "shape": st.sampled_from([[1], [2]]) | json_values,
+    "data": st.lists(bodies.map(json.dumps) | bodies | json_values, max_size=2) | json_values,
+})
+envelopes = (st.fixed_dictionaries({"instances": st.lists(anything, max_size=2) | json_values},
+                                   optional={"signature_name": any_text})
+             | st.fixed_dictionaries({"inputs": st.lists(v2_inputs | json_values, max_size=2) | json_values},
+                                     optional={"id": any_text | json_values, "parameters": json_values}))
+
+
+@FUZZ
+@given(body=envelopes | anything, spec=st.sampled_from(SPECS), storage=st.booleans())
+def test_any_kserve_body_gives_a_request_within_the_limits_or_a_4xx(body, spec, storage):
+    """What the handler does with a body before the service: decode, detect, open; then parse."""
+    try:
+        decoded = decode_body(body, LIMITS)
+        envelope, inner = open_envelope(detect(decoded), decoded)
+    except (InvalidRequest, PayloadTooLarge) as error:
+        check_error(error, body)
+        return
+    keys = list(body) if isinstance(body, dict) else []
+    result = outcome(inner, spec, storage)
+    if isinstance(result, GenerationRequest):
+        check_request(result, spec, storage)
+        answer = envelope.wrap({"seed": result.seed}, "wan", "1.0", "req")
+        assert json.loads(json.dumps(answer)) == answer  # the answer is plain JSON
+    else:
+        check_error(result, inner if isinstance(inner, dict) else keys)
 
 
 @FUZZ

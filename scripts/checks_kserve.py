@@ -8,7 +8,8 @@ writes it (``model_store.kserve_store``), so the timeouts checked here are the o
 will apply. Checked:
 
 - InferenceServices: the variant and its model config exist; Knative mode; the runtime exists,
-  is enabled and supports the model format and protocol; the envelope matches the protocol;
+  is enabled and supports the model format and protocol (v1 or v2); no TorchServe envelope in the
+  model's env or the env the pod gets merged from the runtime (below);
   ``storageUri`` is well formed and points at this variant's store; S3 credentials are wired
   (ServiceAccount -> Secret with the s3 annotations); replicas, ``containerConcurrency`` and
   ``timeout`` agree with TorchServe's workers and responseTimeout; Knative's progress deadline
@@ -19,13 +20,24 @@ will apply. Checked:
   container default of 64 MB is too small); CPU and memory limits (KServe would fill missing ones
   with its defaults, below our requests); a pinned image.
 - Serving runtimes: the container, its single port, probes and metrics annotation agree with
-  config.properties; the start command reads KServe's layout.
-- config/kserve/config.properties itself: what KServe relies on (envvars, no token auth with
-  management kept inside the pod, Prometheus metrics, no hand-written model list).
+  config.properties; the start command reads KServe's layout; protocols v1 and v2 only; no
+  TorchServe envelope in the env.
+- config/kserve/config.properties itself: what KServe relies on (no token auth with management
+  kept inside the pod, Prometheus metrics, no hand-written model list) and what would break it:
+  TorchServe's own KServe envelope (``service_envelope``), or ``enable_envvars_config``, which
+  lets TS_* variables in the pod's env override the file.
 - Secrets with S3 annotations, LocalModelCaches (source URI used by an InferenceService, node
   groups and their size), plain Deployments and Services (GPU, ports, probes, volumes,
-  selectors), and objects declared twice (only as a marked second apply:
-  ``# validate: second-apply-of <file>`` in the later file's header).
+  selectors, no TorchServe envelope in the env), and objects declared twice (only as a marked
+  second apply: ``# validate: second-apply-of <file>`` in the later file's header).
+
+TorchServe's KServe envelope stays off everywhere: the handler reads KServe's v1 body
+(``{"instances": [...]}``) and v2 body (``{"inputs": [...]}``) itself and answers a malformed
+one 400, naming the problem. TorchServe's envelope would parse the body before the handler
+runs and turn any malformed one into 503 "Prediction failed", which clients retry. So its env
+switch (``ENVELOPE_ENV``) in a runtime's, a predictor's or a plain Deployment's env is a problem
+(even though TorchServe only reads it with ``enable_envvars_config``: it says the wrong thing,
+and would take effect the day that setting is switched on).
 """
 
 from __future__ import annotations
@@ -63,8 +75,14 @@ GPU_NODE_LABEL = "nvidia.com/gpu.present"
 TORCHRUN_PARALLEL_TYPES = ("tp", "pp", "pptp")
 SHM_PATH = "/dev/shm"
 CONTAINER_NAME = "kserve-container"
+# TorchServe's switch for its own KServe envelope, as an env variable (with enable_envvars_config)
+# and as a config.properties key: both must stay unset, the handler reads the bodies itself.
 ENVELOPE_ENV = "TS_SERVICE_ENVELOPE"
-ENVELOPES = {"v1": "kserve", "v2": "kservev2"}  # protocolVersion -> TorchServe envelope
+ENVELOPE_PROPERTY = "service_envelope"
+ENVELOPE_WHY = ("the handler reads KServe v1/v2 bodies itself; TorchServe's envelope would parse them first "
+                "and turn a malformed body into 503 \"Prediction failed\" (retried forever) instead of a 400 "
+                "naming the problem")
+PROTOCOLS = ("v1", "v2")  # protocolVersions the handler reads (HTTP, on TorchServe's inference port)
 MODEL_FORMAT = "pytorch"
 STORE_ARGS = (f"--model-store={MOUNT_PATH}/model-store", f"--ts-config={MOUNT_PATH}/config/config.properties")
 LOCALMODEL_JOB_NAMESPACE = "kserve-localmodel-jobs"  # KServe's default localModel.jobNamespace
@@ -189,6 +207,12 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
     return {e.get("name"): str(e.get("value", "")) for e in container.get("env") or [] if isinstance(e, dict)}
 
 
+def _envelope_env_problems(manifest: Manifest, where: str, container: dict[str, Any]) -> list[Problem]:
+    """ENVELOPE_ENV in a container's env (``where`` is the container's path)."""
+    return [Problem(manifest, f"{where}/env/{i}", f"sets {ENVELOPE_ENV}: remove it; {ENVELOPE_WHY}")
+            for i, e in enumerate(container.get("env") or []) if isinstance(e, dict) and e.get("name") == ENVELOPE_ENV]
+
+
 def _int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
@@ -272,9 +296,12 @@ def check_torchserve_config(manifests: list[Manifest], context: Context) -> list
         if key in props:
             problems.append(problem(f"sets {key}: the store builder generates the model list from "
                                     "config/models/<variant>.yaml; remove it here"))
-    if props.get("enable_envvars_config", "").lower() != "true":
-        problems.append(problem("enable_envvars_config must be true: KServe selects the envelope with "
-                                f"{ENVELOPE_ENV}, which TorchServe ignores otherwise"))
+    if props.get("enable_envvars_config", "").strip().lower() == "true":
+        problems.append(problem("enable_envvars_config=true: TorchServe would take TS_* overrides of this file "
+                                f"from the pod's env (KServe's stock TorchServe runtime sets {ENVELOPE_ENV}); "
+                                "remove it"))
+    if ENVELOPE_PROPERTY in props:
+        problems.append(problem(f"sets {ENVELOPE_PROPERTY}: remove it; {ENVELOPE_WHY}"))
     if props.get("disable_token_authorization", "").lower() != "true":
         problems.append(problem("disable_token_authorization must be true: the key is random per pod and "
                                 "/ping demands it, so KServe's readiness probe and every client would be refused"))
@@ -315,10 +342,10 @@ def check_runtimes(manifests: list[Manifest], context: Context) -> list[Problem]
             problems.append(Problem(runtime, "/spec/supportedModelFormats",
                                     f"does not support model format {MODEL_FORMAT!r} (supports {formats})"))
         for i, protocol in enumerate(runtime.get("spec", "protocolVersions", default=[]) or []):
-            if protocol not in ENVELOPES:
+            if protocol not in PROTOCOLS:
                 problems.append(Problem(runtime, f"/spec/protocolVersions/{i}",
-                                        f"protocol {protocol!r} is not served: TorchServe's KServe envelopes "
-                                        f"cover {', '.join(ENVELOPES)} over HTTP on one port"))
+                                        f"protocol {protocol!r} is not served: the handler reads KServe's "
+                                        f"{' and '.join(PROTOCOLS)} bodies, over HTTP on TorchServe's one port"))
         ports = [p for p in container.get("ports") or [] if isinstance(p, dict)]
         if len(ports) != 1 or ports[0].get("containerPort") != inference:
             found_ports = [p.get("containerPort") for p in ports]
@@ -334,12 +361,7 @@ def check_runtimes(manifests: list[Manifest], context: Context) -> list[Problem]
             problems.append(Problem(runtime, "/spec/annotations/prometheus.kserve.io~1port",
                                     f"metrics port {annotated} is not TorchServe's metrics port {metrics} "
                                     f"(metrics_address in {KS_CONFIG})"))
-        envelope = _env(container).get(ENVELOPE_ENV)
-        if envelope is not None and envelope not in ENVELOPES.values():
-            problems.append(Problem(runtime, f"{where}/env",
-                                    f"{ENVELOPE_ENV}={envelope!r}: the default must be one of "
-                                    f"{', '.join(ENVELOPES.values())} (KServe fills label templates only for "
-                                    "its own kserve-torchserve runtime)"))
+        problems += _envelope_env_problems(runtime, where, container)
         problems += _store_args_problems(runtime, f"{where}/args", container)
     return problems
 
@@ -501,14 +523,16 @@ def check_inference_services(manifests: list[Manifest], context: Context) -> lis
                                         f"runtime {runtime_name!r} does not serve protocol {protocol!r} "
                                         f"(serves {protocols})"))
         effective = _effective_container(isvc, runtime)
-        if protocol not in ENVELOPES:
+        if protocol not in PROTOCOLS:
             problems.append(Problem(isvc, "/spec/predictor/model/protocolVersion",
-                                    f"protocol {protocol!r} is not served (TorchServe's KServe envelopes: "
-                                    f"{', '.join(ENVELOPES)})"))
-        elif effective["env"].get(ENVELOPE_ENV) != ENVELOPES[protocol]:
+                                    f"protocol {protocol!r} is not served (the handler reads KServe's "
+                                    f"{' and '.join(PROTOCOLS)} bodies over HTTP)"))
+        own = _envelope_env_problems(isvc, "/spec/predictor/model", model)
+        problems += own
+        if not own and ENVELOPE_ENV in effective["env"]:
             problems.append(Problem(isvc, "/spec/predictor/model/env",
-                                    f"protocol {protocol} needs {ENVELOPE_ENV}={ENVELOPES[protocol]}, the pod "
-                                    f"would get {effective['env'].get(ENVELOPE_ENV)!r}"))
+                                    f"the pod would get {ENVELOPE_ENV} from runtime {runtime_name!r} (KServe "
+                                    f"merges its env into the model's): remove it there; {ENVELOPE_WHY}"))
         image = effective["image"]
         if image and "@sha256:" not in image and (":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest")):
             problems.append(Problem(isvc, "/spec/predictor/model/image",
@@ -772,6 +796,7 @@ def check_plain_workloads(manifests: list[Manifest], context: Context) -> list[P
                 problems += _probe_port_problems(workload, f"{where}/{probe}", container.get(probe), ports,
                                                  inference, management)
             problems += _store_args_problems(workload, f"{where}/args", container)
+            problems += _envelope_env_problems(workload, where, container)
             if _int(((container.get("resources") or {}).get("limits") or {}).get(GPU_RESOURCE)) in (None, 0):
                 problems.append(Problem(workload, f"{where}/resources/limits",
                                         f"no {GPU_RESOURCE} limit: the model would not load (deviceType gpu)"))

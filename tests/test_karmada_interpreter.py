@@ -72,7 +72,7 @@ def isvc(name="wan-t2v-a14b", *, min_replicas=0, max_replicas=2, gpus="1", gener
             "protocolVersion": "v1",
             "storageUri": f"s3://wan-models/{name.removeprefix('wan-')}",
             "image": "registry.wan.internal/wan/wan-torchserve:0.1.0",
-            "env": [{"name": "TS_SERVICE_ENVELOPE", "value": "kserve"}],
+            "env": [{"name": "WAN_S3_BUCKET", "value": "wan-results"}],
             "resources": {
                 "requests": {"cpu": "8", "memory": "96Gi", "nvidia.com/gpu": gpus},
                 "limits": {"memory": "128Gi", "nvidia.com/gpu": gpus},

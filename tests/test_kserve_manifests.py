@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model_store.kserve_store import VARIANTS, build_kserve_store, variant_config_file
+from model_store.kserve_store import VARIANTS, build_kserve_store, read_properties, variant_config_file
 from scripts import checks_kserve, validate_manifests
 from scripts.validate_manifests import REPO_ROOT, Context, CrdSchemas, default_crd_dir, load_manifests, main, validate
 
@@ -37,8 +37,8 @@ BROKEN_CASES = {
     "storage-uri-of-another-variant.yaml": ("/spec/predictor/model/storageUri",
                                             "'s3://wan-models/t2v-a14b' is not a ti2v-5b store"),
     "no-gpu-node-selector.yaml": ("/spec/predictor/nodeSelector", 'must require nvidia.com/gpu.present: "true"'),
-    "envelope-does-not-match-protocol.yaml": ("/spec/predictor/model/env",
-                                              "protocol v2 needs TS_SERVICE_ENVELOPE=kservev2"),
+    "sets-torchserve-envelope.yaml": ("/spec/predictor/model/env/0",
+                                      "sets TS_SERVICE_ENVELOPE: remove it; the handler reads KServe v1/v2 bodies"),
     "progress-deadline-shorter-than-startup.yaml": (
         "/spec/predictor/annotations",
         "progress deadline (300 s) is shorter than TorchServe's startupTimeout 600 s"),
@@ -237,7 +237,10 @@ def _context_with(tmp_path: Path, properties: str) -> Context:
 @pytest.mark.parametrize(("change", "expected"), [
     (("disable_token_authorization=true", "disable_token_authorization=false"),
      "disable_token_authorization must be true"),
-    (("enable_envvars_config=true", "enable_envvars_config=false"), "enable_envvars_config must be true"),
+    (("install_py_dep_per_model=false", "install_py_dep_per_model=false\nenable_envvars_config=true"),
+     "enable_envvars_config=true: TorchServe would take TS_* overrides of this file from the pod's env"),
+    (("install_py_dep_per_model=false", "install_py_dep_per_model=false\nservice_envelope=kservev2"),
+     "sets service_envelope: remove it; the handler reads KServe v1/v2 bodies itself"),
     (("management_address=http://127.0.0.1:8081", "management_address=http://0.0.0.0:8081"),
      "management_address must be http://127.0.0.1:<port>"),
     (("metrics_mode=prometheus", "metrics_mode=log"), "metrics_mode must be prometheus"),
@@ -250,6 +253,46 @@ def test_the_kserve_torchserve_config_is_checked_too(tmp_path, change, expected)
     problems = checks_kserve.check_torchserve_config(load_manifests([KSERVE])[0], context)
     assert any(expected in p.message and p.file == tmp_path / "config/kserve/config.properties" for p in problems), \
         problems
+
+
+def test_the_shipped_kserve_config_leaves_torchserves_envelope_and_env_overrides_off():
+    props = read_properties((REPO_ROOT / "config/kserve/config.properties").read_text())
+    assert "service_envelope" not in props and "enable_envvars_config" not in props  # TorchServe's default: off
+
+
+def test_a_torchserve_envelope_anywhere_in_a_pods_env_is_a_problem():
+    """In the runtime (and so in every InferenceService's merged pod), in a predictor with a
+    v1 or v2 protocol, in the plain Deployment: each is named where it is set."""
+    manifests = load_manifests([KSERVE])[0]
+    context = Context(validate_manifests.CrdSchemas(default_crd_dir()))
+    envelope = {"name": checks_kserve.ENVELOPE_ENV, "value": "kserve"}
+    [runtime] = [m for m in manifests if m.kind == "ClusterServingRuntime"]
+    runtime.doc["spec"]["containers"][0]["env"] = [{"name": "WAN_S3_BUCKET", "value": "results"}, envelope]
+    [deployment] = [m for m in manifests if m.kind == "Deployment"]
+    deployment.doc["spec"]["template"]["spec"]["containers"][0].setdefault("env", []).append(envelope)
+    isvc = next(m for m in manifests if m.kind == "InferenceService" and m.name == "wan-t2v-a14b")
+    model = isvc.doc["spec"]["predictor"]["model"]
+    model["protocolVersion"], model["env"] = "v2", [{**envelope, "value": "kservev2"}]
+    problems = [p for check in checks_kserve.CHECKS for p in check(manifests, context)]
+    blamed = {(p.manifest.kind, p.manifest.name, p.where) for p in problems if p.manifest is not None}
+    assert ("ClusterServingRuntime", "wan-torchserve", "/spec/containers/0/env/1") in blamed
+    assert ("InferenceService", "wan-t2v-a14b", "/spec/predictor/model/env/0") in blamed
+    env = len(deployment.doc["spec"]["template"]["spec"]["containers"][0]["env"]) - 1
+    assert ("Deployment", "wan-ti2v-5b-plain", f"/spec/template/spec/containers/0/env/{env}") in blamed
+    # The other services set nothing themselves, but their pods would get the runtime's.
+    inherited = [p for p in problems if p.manifest is not None and p.manifest.kind == "InferenceService"
+                 and p.where == "/spec/predictor/model/env"]
+    assert {p.manifest.name for p in inherited} == {m.name for m in manifests if m.kind == "InferenceService"} - {
+        "wan-t2v-a14b"}
+    assert all("from runtime 'wan-torchserve'" in p.message for p in inherited)
+    assert all("503" in p.message and "400" in p.message for p in problems if p.manifest is not None
+               and "TS_SERVICE_ENVELOPE" in p.message)
+    # Protocols: v1 and v2 only, with no word of an envelope.
+    model["protocolVersion"] = "grpc-v2"
+    [problem] = [p for p in checks_kserve.check_inference_services(manifests, context)
+                 if p.manifest is isvc and p.where == "/spec/predictor/model/protocolVersion"
+                 and "is not served" in p.message]
+    assert "v1 and v2" in problem.message and "envelope" not in problem.message
 
 
 def test_ports_follow_config_properties(tmp_path):

@@ -160,14 +160,17 @@ def test_checkov_fails_a_predictor_pod_without_the_hardening(tmp_path):
 
 def test_the_rendered_pod_is_kserves_merge_of_runtime_and_predictor():
     [runtime] = _docs(RUNTIME_FILE)
+    runtime["spec"]["containers"][0]["env"] = [{"name": "AWS_ENDPOINT_URL", "value": "https://s3.wan.internal:9000"},
+                                               {"name": "WAN_S3_BUCKET", "value": "defaults"}]
     [isvc] = _docs(REPO_ROOT / ISVC_FILES[1])
-    isvc["spec"]["predictor"]["model"]["env"].append({"name": "WAN_S3_BUCKET", "value": "results"})
+    isvc["spec"]["predictor"]["model"]["env"] = [{"name": "WAN_S3_BUCKET", "value": "results"}]
     isvc["spec"]["predictor"]["model"]["image"] = "registry.example/wan:9.9"
     pod = security_scan.render_predictor_pod(isvc, runtime)
     [container] = pod["spec"]["containers"]
     assert container["name"] == "kserve-container" and container["image"] == "registry.example/wan:9.9"
     assert container["args"] == runtime["spec"]["containers"][0]["args"]
-    assert [e["name"] for e in container["env"]] == ["TS_SERVICE_ENVELOPE", "WAN_S3_BUCKET"]  # merged by name
+    assert container["env"] == [{"name": "AWS_ENDPOINT_URL", "value": "https://s3.wan.internal:9000"},
+                                {"name": "WAN_S3_BUCKET", "value": "results"}]  # merged by name: the predictor's wins
     limits = container["resources"]["limits"]
     assert limits == {"cpu": "16", "memory": "128Gi", "nvidia.com/gpu": "1"}  # the predictor's, key by key
     assert container["securityContext"] == runtime["spec"]["containers"][0]["securityContext"]

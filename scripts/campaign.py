@@ -17,7 +17,10 @@ the run broke the contract. An empty ``problems`` everywhere is a pass (exit sta
   base64), thousands of generated bodies checked against the parser run in-process as an
   oracle, and the hypothesis properties of tests/test_request_fuzz.py.
 
-Everything is seeded, every wait is bounded, every server is stopped in a ``finally``.
+Everything is seeded, every wait is bounded, every server is stopped in a ``finally`` (SIGTERM
+included). The servers get no storage or proxy settings from the caller's environment (only the
+fuzz server gets S3, set explicitly: a moto server on 127.0.0.1), and the campaign's own HTTP
+clients never go through a proxy: nothing leaves 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -52,12 +55,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from xml.etree import ElementTree
 
 import requests
 import yaml
 
-from scripts.serve import REPO_ROOT, ServerLayout, free_ports, isolated_layout, read_key, start, stop
+from scripts.serve import REPO_ROOT, ServerLayout, free_ports, isolated_layout, read_key, start, stop, without_outside
 
 TINY_CONFIG = REPO_ROOT / "config" / "models" / "tiny-ti2v.yaml"
 # The sizes tests use: a whole generation in ~0.1 s on one CI core.
@@ -88,18 +92,24 @@ class Plan:
     load_max_late_growth_mib: int | None
     kills: int  # SIGKILLs per mode (streamed, plain)
     ooms: int
+    # Deadline runs, alternately plain and streamed: 2 covers both modes.
     deadlines: int
     fuzz_bodies: int
     hypothesis_examples: int
+    # The long extras: the same request with no deadline left to stop it (run_timeout_control),
+    # and the big request again after the first OOM, with its memory back.
+    timeout_control: bool = False
+    oom_retry_big: bool = False
     seed: int = 20251121
 
 
 QUICK = Plan(name="quick", load_clients=12, load_requests_per_client=40, load_queue_size=4,
              load_max_rss_growth_mib=16, load_phases=1, load_max_late_growth_mib=None,
-             kills=1, ooms=1, deadlines=1, fuzz_bodies=500, hypothesis_examples=150)
+             kills=1, ooms=1, deadlines=2, fuzz_bodies=500, hypothesis_examples=150)
 FULL = Plan(name="full", load_clients=16, load_requests_per_client=480, load_queue_size=4,
             load_max_rss_growth_mib=32, load_phases=4, load_max_late_growth_mib=16,
-            kills=3, ooms=3, deadlines=3, fuzz_bodies=5000, hypothesis_examples=10000)
+            kills=3, ooms=3, deadlines=3, fuzz_bodies=5000, hypothesis_examples=10000,
+            timeout_control=True, oom_retry_big=True)
 
 
 # -- model configs for the scenarios --------------------------------------------------------------
@@ -156,6 +166,14 @@ def deadline_config(path: Path) -> Path:
 # -- a server, its worker, its memory -------------------------------------------------------------
 
 
+def local_session() -> requests.Session:
+    """A session for the campaign's servers: straight to 127.0.0.1, never through a proxy (nor
+    any other setting) taken from the caller's environment."""
+    session = requests.Session()
+    session.trust_env = False
+    return session
+
+
 class Server:
     """One real TorchServe on free 127.0.0.1 ports (scripts.serve), with a model config of ours."""
 
@@ -177,16 +195,17 @@ class Server:
             data = json.dumps(body)
         if content_type is not None and data is not None:
             headers["Content-Type"] = content_type
-        return (session or requests).post(self.predictions_url, data=data, headers=headers, timeout=timeout, **kwargs)
+        if session is not None:
+            return session.post(self.predictions_url, data=data, headers=headers, timeout=timeout, **kwargs)
+        with local_session() as own:
+            return own.post(self.predictions_url, data=data, headers=headers, timeout=timeout, **kwargs)
 
     def workers(self) -> list[dict[str, Any]]:
-        response = requests.get(f"{self.layout.management_url}/models/{self.layout.model_name}",
-                                headers=self.headers("management"), timeout=10)
+        with local_session() as session:
+            response = session.get(f"{self.layout.management_url}/models/{self.layout.model_name}",
+                                   headers=self.headers("management"), timeout=10)
         response.raise_for_status()
         return response.json()[0]["workers"]
-
-    def worker_pids(self) -> list[int]:
-        return sorted(int(w["pid"]) for w in self.workers() if w.get("pid") is not None)
 
     def ready_pid(self) -> int | None:
         """The PID of the (single) READY worker, or None."""
@@ -233,18 +252,13 @@ def reset_peak_rss(pid: int) -> bool:
         return False
 
 
-def start_server(root: Path, config: Path, weights_dir: Path, extra_env: dict[str, str] | None = None) -> Server:
-    layout = isolated_layout(root, model_config=config, weights_dir=weights_dir)
-    start(layout, timeout_s=240, extra_env=extra_env)
-    return Server(layout)
-
-
 @contextlib.contextmanager
 def running(root: Path, config: Path, weights_dir: Path, extra_env: dict[str, str] | None = None) -> Iterator[Server]:
-    """A fresh server for one scenario, stopped however the scenario ends."""
+    """A fresh server for one scenario, stopped however the scenario ends. It gets none of the
+    caller's storage or proxy variables (WAN_S3_*, AWS_*, *_PROXY): only those in ``extra_env``."""
     layout = isolated_layout(root, model_config=config, weights_dir=weights_dir)
     try:
-        start(layout, timeout_s=240, extra_env=extra_env)
+        start(layout, timeout_s=240, extra_env=extra_env, isolated=True)
         yield Server(layout)
     finally:
         stop(layout)
@@ -262,6 +276,31 @@ def _stats(values: list[float]) -> dict[str, float] | None:
 # -- videos: what a 200 must carry --------------------------------------------------------------------
 
 
+def answer_protocol(payload: Any) -> str:
+    """How a JSON answer is wrapped (handler/envelopes.py): "v1", "v2" or "plain" (a plain answer
+    has neither key)."""
+    if isinstance(payload, dict) and "predictions" in payload:
+        return "v1"
+    if isinstance(payload, dict) and "outputs" in payload:
+        return "v2"
+    return "plain"
+
+
+def unwrap_answer(payload: Any) -> Any:
+    """The answer inside a KServe v1/v2 response (None if the wrapping is broken), or the payload."""
+    try:
+        if answer_protocol(payload) == "v1":
+            [answer] = payload["predictions"]
+            return answer
+        if answer_protocol(payload) == "v2":
+            [output] = payload["outputs"]
+            [answer] = output["data"]
+            return answer
+    except (LookupError, TypeError, ValueError):
+        return None
+    return payload
+
+
 def video_problem(response: requests.Response, expect: dict[str, int], output: str = "inline") -> str | None:
     """None when the 200 carries a valid H.264 MP4 of the expected size, else what is wrong."""
     from handler.video import probe_mp4
@@ -276,12 +315,17 @@ def video_problem(response: requests.Response, expect: dict[str, int], output: s
                     return f"stream did not end with a result: {str(lines[-1:])[:200]}"
                 result = lines[-1]
             else:
-                result = response.json()
+                result = unwrap_answer(response.json())
             video = result["video"]
             if "base64" in video:
                 mp4 = base64.b64decode(video["base64"])
             else:
-                download = requests.get(video["url"], timeout=30)
+                # Only the campaign's own storage (moto on 127.0.0.1) may be fetched from.
+                host = urlsplit(video["url"]).hostname
+                if host != "127.0.0.1":
+                    return f"video URL points at {host!r}, not 127.0.0.1: not downloaded ({str(video['url'])[:120]})"
+                with local_session() as session:
+                    download = session.get(video["url"], timeout=30)
                 if download.status_code != 200:
                     return f"video URL answered {download.status_code}"
                 mp4 = download.content
@@ -322,8 +366,11 @@ def run_load(server: Server, clients: int, requests_per_client: int, seed: int, 
     With the C heap trimmed after each request (service.handle) it moves by ~1-2 MiB over a few
     hundred requests, where a leak of any request-sized buffer adds that much every request. So:
     the whole growth must stay under ``max_rss_growth_mib``, and the growth over the second half
-    of the phases under ``max_late_growth_mib`` (a leak keeps climbing, a warm-up does not). Each request waits at most REQUEST_TIMEOUT_S; no request starts after
-    ``max_seconds``."""
+    of the phases under ``max_late_growth_mib`` (a leak keeps climbing, a warm-up does not).
+
+    Each request waits at most REQUEST_TIMEOUT_S; no request starts after ``max_seconds``. Every
+    planned request is counted once: sent (then answered, or still waiting at the end: hung) or
+    not sent, and a request not sent is a problem too (the plan was not carried out)."""
     problems: list[str] = []
     pid = server.ready_pid()
     if pid is None:
@@ -332,6 +379,8 @@ def run_load(server: Server, clients: int, requests_per_client: int, seed: int, 
     frontend = server.frontend_pid()
     frontend_start = proc_kib(frontend, "VmRSS") if frontend else None
 
+    per_phase = requests_per_client // phases
+    requests_per_client = per_phase * phases
     samples: list[tuple[float, int]] = []
     stop_sampling = threading.Event()
     started = time.monotonic()
@@ -342,85 +391,119 @@ def run_load(server: Server, clients: int, requests_per_client: int, seed: int, 
             if value is not None:
                 samples.append((time.monotonic() - started, value))
 
+    # Shared with the clients, under ``lock``: what was sent, what is waiting for its answer, what
+    # came back. Once ``closed`` the counts are final: a late answer is not appended (its request
+    # was counted as hung) and no client sends again.
     lock = threading.Lock()
     outcomes: list[dict[str, Any]] = []
+    waiting: set[tuple[int, int]] = set()
+    crashes: list[str] = []
+    attempted = 0
+    closed = False
 
     def client(index: int, phase: int) -> None:
-        rng = random.Random(seed * 1000 + index * 10 + phase)
-        session = requests.Session()
-        for i in range(phase * per_phase, (phase + 1) * per_phase):
-            if time.monotonic() - started > max_seconds:
-                break
-            body = {"prompt": f"load {index}-{i}", **SMALL, "seed": index * 100_000 + i, "output": "inline"}
-            sent = time.monotonic()
-            outcome: dict[str, Any] = {"client": index, "sent": sent - started}
-            try:
-                response = server.post(body, session=session)
-                outcome.update(status=response.status_code, seconds=time.monotonic() - sent)
-                if response.status_code == 200:
-                    outcome["video_problem"] = video_problem(response, SMALL)
-                elif response.status_code == 503:
-                    outcome["body"] = response.text[:300]
-                else:
-                    outcome["body"] = response.text[:300]
-            except requests.RequestException as exc:
-                outcome.update(status=None, seconds=time.monotonic() - sent, error=f"{type(exc).__name__}: {exc}"[:300])
-            outcome["done"] = time.monotonic() - started
+        nonlocal attempted
+        try:
+            rng = random.Random(seed * 1000 + index * 10 + phase)
+            with local_session() as session:
+                for i in range(phase * per_phase, (phase + 1) * per_phase):
+                    with lock:
+                        if closed or time.monotonic() - started > max_seconds:
+                            return
+                        attempted += 1
+                        waiting.add((index, i))
+                    sent = time.monotonic()
+                    outcome: dict[str, Any] = {"client": index, "sent": sent - started}
+                    crash = None
+                    try:
+                        body = {"prompt": f"load {index}-{i}", **SMALL, "seed": index * 100_000 + i, "output": "inline"}
+                        response = server.post(body, session=session)
+                        outcome.update(status=response.status_code, seconds=time.monotonic() - sent)
+                        if response.status_code == 200:
+                            outcome["video_problem"] = video_problem(response, SMALL)
+                        else:
+                            outcome["body"] = response.text[:300]
+                    except requests.RequestException as exc:
+                        outcome.update(status=None, seconds=time.monotonic() - sent,
+                                       error=f"{type(exc).__name__}: {exc}"[:300])
+                    except Exception as exc:  # noqa: BLE001 - a client that breaks is a finding, not a silent stop
+                        crash = f"client {index} broke on request {i}: {type(exc).__name__}: {exc}"[:300]
+                        outcome.update(status=None, seconds=time.monotonic() - sent, error=crash)
+                    outcome["done"] = time.monotonic() - started
+                    with lock:
+                        if closed:
+                            return
+                        waiting.discard((index, i))
+                        outcomes.append(outcome)
+                        if crash:
+                            crashes.append(crash)
+                    if crash:
+                        return
+                    if outcome.get("status") == 503:
+                        time.sleep(rng.uniform(0.05, 0.25))  # a polite client backs off a little
+        except Exception as exc:  # noqa: BLE001 - as above, outside a request
             with lock:
-                outcomes.append(outcome)
-            if outcome.get("status") == 503:
-                time.sleep(rng.uniform(0.05, 0.25))  # a polite client backs off a little
-        session.close()
+                crashes.append(f"client {index} broke: {type(exc).__name__}: {exc}"[:300])
 
-    per_phase = requests_per_client // phases
-    requests_per_client = per_phase * phases
     resting = [rss_start]
-    hung_threads = 0
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     join_by = started + max_seconds + REQUEST_TIMEOUT_S + 10
-    for phase in range(phases):
-        threads = [threading.Thread(target=client, args=(i, phase), daemon=True) for i in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(max(0.0, join_by - time.monotonic()))
-        hung_threads += sum(thread.is_alive() for thread in threads)
-        if hung_threads:
-            break
-        resting.append(_resting_rss(server, pid, warmup, f"settle {phase}", problems))
+    try:
+        for phase in range(phases):
+            threads = [threading.Thread(target=client, args=(i, phase), daemon=True) for i in range(clients)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(max(0.0, join_by - time.monotonic()))
+            if any(thread.is_alive() for thread in threads):
+                break
+            resting.append(_resting_rss(server, pid, warmup, f"settle {phase}", problems))
+    finally:
+        with lock:
+            closed = True
+            answered = list(outcomes)
+            sent, hung, crashed = attempted, len(waiting), list(crashes)
+        stop_sampling.set()
+        sampler.join(5)
     load_s = time.monotonic() - started
-    stop_sampling.set()
-    sampler.join(5)
 
     rss_end = resting[-1]
     pid_after = server.ready_pid()
 
-    sent = len(outcomes)
-    ok = [o for o in outcomes if o.get("status") == 200]
+    ok = [o for o in answered if o.get("status") == 200]
     valid = [o for o in ok if o.get("video_problem") is None]
-    rejected = [o for o in outcomes if o.get("status") == 503]
-    other = [o for o in outcomes if o.get("status") not in (200, 503)]
-    # Lost: requests sent that ended neither as a valid video nor as a 503 (hung ones included).
-    lost = sent - len(valid) - len(rejected) + hung_threads
-    # Not sent: the plan ran past max_seconds (a slow machine), so the clients stopped early.
-    unsent = clients * requests_per_client - sent - hung_threads
-    # Most requests accepted and in flight at one time: what the queue really held.
-    events = sorted([(o["done"] - o["seconds"], 1) for o in ok] + [(o["done"], -1) for o in ok])
+    rejected = [o for o in answered if o.get("status") == 503]
+    other = [o for o in answered if o.get("status") not in (200, 503)]
+    # Lost: requests sent that ended neither as a valid video nor as a 503 (hung ones included:
+    # they are sent and have no outcome).
+    lost = sent - len(valid) - len(rejected)
+    # Not sent: the clients stopped early (past max_seconds on a slow machine, a client that
+    # broke, or a hung one that ended the phases).
+    unsent = clients * requests_per_client - sent
+    # Most accepted requests in flight at once, as the clients saw it: each from its send to its
+    # answer. A client-side figure (it includes the network and the answer's transfer); TorchServe
+    # does not report what its queue held.
+    events = sorted([(o["sent"], 1) for o in ok] + [(o["sent"] + o["seconds"], -1) for o in ok])
     in_flight = max_in_flight = 0
     for _, delta in events:
         in_flight += delta
         max_in_flight = max(max_in_flight, in_flight)
-    # Drift: resting memory at the start of the load vs. its end (median of each quarter).
+    # The worker's RSS under load (requests in flight): medians of the first and last quarter of
+    # the samples, reported only. The bounds below apply to the resting readings between phases.
     quarter = max(1, len(samples) // 4)
     first = statistics.median(v for _, v in samples[:quarter]) if samples else None
     last = statistics.median(v for _, v in samples[-quarter:]) if samples else None
     growth_mib = (rss_end - rss_start) / 1024 if rss_end and rss_start else None
 
-    if hung_threads:
-        problems.append(f"{hung_threads} clients still waiting for an answer at the end")
+    if hung:
+        problems.append(f"{hung} clients still waiting for an answer at the end")
     if lost:
         problems.append(f"{lost} requests lost (neither a valid video nor a 503)")
+    problems.extend(crashed[:5])
+    if unsent:
+        problems.append(f"{unsent} of {clients * requests_per_client} requests not sent: the clients stopped early "
+                        f"(past {max_seconds:.0f} s, or a client broke or hung)")
     for o in [o for o in ok if o.get("video_problem")][:5]:
         problems.append(f"accepted request with a bad video: {o['video_problem']}")
     for o in other[:5]:
@@ -462,8 +545,9 @@ def run_load(server: Server, clients: int, requests_per_client: int, seed: int, 
         "rejected_503": len(rejected),
         "other_status": dict(Counter(str(o.get("status")) for o in other)),
         "lost": lost,
-        "hung_clients": hung_threads,
+        "hung_clients": hung,
         "not_sent_time_limit": unsent,
+        "client_crashes": len(crashed),
         "seconds": round(load_s, 2),
         "max_accepted_in_flight": max_in_flight,
         "latency_s": {"accepted": _stats([o["seconds"] for o in ok]), "503": _stats([o["seconds"] for o in rejected])},
@@ -503,6 +587,7 @@ def run_kill_streamed(server: Server) -> dict[str, Any]:
     if pid is None:
         return {"problems": ["no READY worker before the kill"]}
     client = WanClient(server.layout.inference_url, key=read_key(server.layout.key_file), timeout_s=60)
+    client.session.trust_env = False  # straight to 127.0.0.1, as every client of the campaign
     progress: list[dict[str, Any]] = []
     killed_at: list[float] = []
 
@@ -522,6 +607,10 @@ def run_kill_streamed(server: Server) -> dict[str, Any]:
         cause = exc.__cause__ or exc.__context__
         outcome = {"raised": "ServerError", "status": exc.status, "message": str(exc),
                    "cause": f"{type(cause).__name__}: {str(cause)[:160]}" if cause else None}
+        # TorchServe had started the stream (200) and resets it: the client must say it broke off,
+        # not pass for an answer of the server's.
+        if "stream broke off" not in str(exc):
+            problems.append(f"the client's error does not say the stream broke off: {str(exc)[:200]}")
     except Exception as exc:  # noqa: BLE001 - anything else is an unclear failure: the finding
         outcome = {"raised": type(exc).__name__, "message": str(exc)[:300]}
         problems.append(f"the client raised {type(exc).__name__}, not a ServerError: {str(exc)[:200]}")
@@ -601,11 +690,18 @@ def run_oom(server: Server, retry_big: bool = False) -> dict[str, Any]:
     pid, _ = server.wait_ready()
     if pid is None:
         return {"problems": ["no READY worker"]}
-    server.post({"prompt": "before the OOM", **SMALL})
+    # A small request first, so the worker's resting memory is read warm.
+    before = server.post({"prompt": "before the OOM", **SMALL, "seed": 4, "output": "inline"})
+    before_issue = video_problem(before, SMALL) if before.status_code == 200 else before.text[:200]
+    if before.status_code != 200 or before_issue:
+        problems.append(f"the request before the OOM answered {before.status_code}: {before_issue}")
     rss_before, vm_size = proc_kib(pid, "VmRSS"), proc_kib(pid, "VmSize")
+    if rss_before is None or vm_size is None:
+        return {"pid": pid, "problems": problems + [f"could not read the worker's memory (/proc/{pid}/status)"]}
     soft, hard = resource.prlimit(pid, resource.RLIMIT_AS)
     limit = vm_size * 1024 + OOM_HEADROOM_MIB * MIB
-    reset_peak_rss(pid)
+    # VmHWM is this request's peak only if it could be reset; otherwise it is not reported.
+    can_peak = reset_peak_rss(pid)
     answer: dict[str, Any] = {}
     try:
         resource.prlimit(pid, resource.RLIMIT_AS, (limit, hard))
@@ -622,7 +718,7 @@ def run_oom(server: Server, retry_big: bool = False) -> dict[str, Any]:
     finally:
         with contextlib.suppress(ProcessLookupError):
             resource.prlimit(pid, resource.RLIMIT_AS, (soft, hard))
-    rss_after, peak = proc_kib(pid, "VmRSS"), proc_kib(pid, "VmHWM")
+    rss_after, peak = proc_kib(pid, "VmRSS"), proc_kib(pid, "VmHWM") if can_peak else None
     pid_after = server.ready_pid()
     error = answer.get("error") if isinstance(answer.get("error"), dict) else {}
     if answer.get("status") != 507 or error.get("type") != "out_of_memory":
@@ -635,6 +731,8 @@ def run_oom(server: Server, retry_big: bool = False) -> dict[str, Any]:
         # What is left over must be small next to what the request needed (~700 MiB).
         if released_mib > 64:
             problems.append(f"worker RSS stayed {released_mib:.0f} MiB above where it was: memory not released")
+    elif pid_after == pid:
+        problems.append("could not read the worker's memory after the OOM")
     after = _next_request(server, problems)
     big_after = None
     if retry_big:
@@ -656,8 +754,9 @@ def run_oom(server: Server, retry_big: bool = False) -> dict[str, Any]:
 
 
 def run_deadline(server: Server, stream: bool = False) -> dict[str, Any]:
-    """A request of many seconds on a server whose deadline is 1 s and responseTimeout 6 s: it must
-    stop itself (504, or an error line in a stream) and the worker must stay."""
+    """A request of many seconds on a server whose deadline is DEADLINE_S (2 s) and responseTimeout
+    DEADLINE_RESPONSE_TIMEOUT_S (10 s): it must stop itself (504, or an error line in a stream)
+    before TorchServe's timeout, and the worker must stay."""
     problems: list[str] = []
     pid, _ = server.wait_ready()
     if pid is None:
@@ -694,10 +793,16 @@ def run_deadline(server: Server, stream: bool = False) -> dict[str, Any]:
 
 
 def run_timeout_control(server: Server) -> dict[str, Any]:
-    """What the deadline protects from, shown on purpose: two 1-step requests at once (the deadline
-    is only checked between denoising steps) whose VAE decode outlasts responseTimeout. TorchServe
-    kills the worker under each; the second one's clock only starts when a new worker takes it."""
+    """What the deadline protects from, shown on purpose. Two requests of one denoising step (the
+    deadline is only checked between steps: it cannot stop them) whose VAE decode outlasts
+    responseTimeout, sent 0.5 s apart: the first runs, the second waits in the queue. TorchServe
+    must cut each at responseTimeout with its ``Worker died.``, killing the worker under it, and
+    the second's clock only starts when a new worker takes it (so it waits over two timeouts).
+    Then a small request, which the new worker must serve: three requests in all."""
+    problems: list[str] = []
     pid, _ = server.wait_ready()
+    if pid is None:
+        return {"problems": ["no READY worker before the control"]}
     answers: list[dict[str, Any]] = []
     lock = threading.Lock()
 
@@ -718,11 +823,29 @@ def run_timeout_control(server: Server) -> dict[str, Any]:
         time.sleep(0.5)  # the first one in the worker, the second one queued
     for thread in threads:
         thread.join(150)
+    with lock:
+        got = sorted(answers, key=lambda a: a["request"])
+    timeout_s = DEADLINE_RESPONSE_TIMEOUT_S
+    if len(got) < len(threads):
+        problems.append(f"{len(threads) - len(got)} of the control's requests got no answer within 150 s")
+    cut = [a for a in got if (a["status"] or 0) >= 500 and "Worker died" in a["body"]]
+    for answer in got:
+        if answer not in cut:
+            problems.append(f"request {answer['request']} was not cut by TorchServe's responseTimeout: "
+                            f"{answer['status']} {answer['body'][:160]}")
+    by_time = sorted(cut, key=lambda a: a["seconds"])
+    if by_time and by_time[0]["seconds"] < timeout_s - 0.5:
+        problems.append(f"a request ended after {by_time[0]['seconds']} s, before the {timeout_s} s responseTimeout: "
+                        "something else stopped it")
+    if len(by_time) == 2 and by_time[1]["seconds"] < 2 * timeout_s - 1:
+        problems.append(f"the queued request ended after {by_time[1]['seconds']} s, not after two {timeout_s} s "
+                        "timeouts and a restart")
     new_pid, _ = server.wait_ready(120.0, not_pid=pid)
-    problems: list[str] = []
+    if new_pid is None:
+        problems.append(f"the worker ({pid}) was not replaced within 120 s")
     after = _next_request(server, problems, num_inference_steps=1)
-    return {"response_timeout_s": DEADLINE_RESPONSE_TIMEOUT_S, "answers": sorted(answers, key=lambda a: a["request"]),
-            "worker_killed_by_torchserve": new_pid is not None and new_pid != pid,
+    return {"response_timeout_s": timeout_s, "answers": got, "old_pid": pid, "new_pid": new_pid,
+            "worker_killed_by_torchserve": new_pid is not None and len(cut) == len(threads),
             "next_request": after, "problems": problems}
 
 
@@ -784,11 +907,17 @@ def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def hostile_images() -> list[tuple[str, Any, tuple[int, ...]]]:
-    """(name, image field value, accepted statuses). Each must be refused fast, from headers."""
+# Who refuses a hostile image: the handler (our JSON error naming the field), or TorchServe's
+# frontend before any worker sees the body (over max_request_size: its own answer, not ours).
+HANDLER, FRONTEND = "handler", "frontend"
+
+
+def hostile_images() -> list[tuple[str, Any, tuple[int, ...], str]]:
+    """(name, image field value, accepted statuses, who refuses it: HANDLER or FRONTEND). Each must
+    be refused fast, from headers."""
     png = image_bytes(200, 200)
     jpeg = image_bytes(200, 200, "JPEG")
-    return [
+    cases = [
         ("png header claims 65535x65535", b64(png_header_bomb(65535, 65535)), (400,)),
         ("png header claims 100000x200", b64(png_header_bomb(100000, 200)), (400,)),
         ("png header claims 5000x5000 (over our limit, under PIL's)", b64(png_header_bomb(5000, 5000)), (400,)),
@@ -821,8 +950,10 @@ def hostile_images() -> list[tuple[str, Any, tuple[int, ...]]]:
         # Over the handler's 16 MiB image limit, under TorchServe's 24 MiB body limit: refused
         # by the text length before any base64 is decoded.
         ("17 MiB image as base64 (22.7 MB)", b64(b"\x89PNG\r\n\x1a\n" + bytes(17 * MIB)), (413,)),
+    ]
+    return [(*case, HANDLER) for case in cases] + [
         # Over TorchServe's max_request_size: refused by the frontend, the worker never sees it.
-        ("26 MiB of base64 (over max_request_size)", "A" * (26 * MIB), (413,)),
+        ("26 MiB of base64 (over max_request_size)", "A" * (26 * MIB), (413,), FRONTEND),
     ]
 
 
@@ -832,7 +963,7 @@ def run_images(server: Server) -> dict[str, Any]:
     if pid is None:
         return {"problems": ["no READY worker"]}
     cases = []
-    for name, value, expected in hostile_images():
+    for name, value, expected, refused_by in hostile_images():
         rss_before = proc_kib(pid, "VmRSS")
         can_peak = reset_peak_rss(pid)
         sent = time.monotonic()
@@ -841,32 +972,42 @@ def run_images(server: Server) -> dict[str, Any]:
         peak = proc_kib(pid, "VmHWM") if can_peak else None
         growth_mib = (peak - rss_before) / 1024 if peak and rss_before else None
         try:
-            error = response.json().get("error") or {}
+            payload = response.json()
         except ValueError:
-            error = {}
-        # The big bodies cost their own size to receive and parse as JSON (TorchServe's Python
-        # side reads and json-decodes them); everything else must cost almost nothing.
+            payload = None
+        error = payload.get("error") if isinstance(payload, dict) else None
+        error = error if isinstance(error, dict) else {}
+        # The big bodies the worker gets cost their own size to receive and parse as JSON
+        # (TorchServe's Python side reads and json-decodes them); everything else must cost
+        # almost nothing in the worker, and what the frontend refuses never reaches it.
         big = isinstance(value, str) and len(value) > MIB
         case = {"name": name, "status": response.status_code, "seconds": round(seconds, 3), "big_body": big,
-                "field": error.get("field"), "message": (error.get("message") or response.text)[:160],
+                "refused_by": refused_by, "field": error.get("field"),
+                "message": (error.get("message") or response.text)[:160],
                 "worker_peak_growth_mib": round(growth_mib, 1) if growth_mib is not None else None}
         cases.append(case)
         if response.status_code not in expected:
             problems.append(f"{name}: {response.status_code} {response.text[:200]}")
-        elif error and error.get("field") != "image":
-            problems.append(f"{name}: the error does not name the image field: {error}")
+        elif refused_by == HANDLER and not (error.get("field") == "image" and error.get("type")
+                                            and isinstance(error.get("message"), str) and error["message"]):
+            problems.append(f"{name}: refused without our JSON error naming the image field: {response.text[:200]}")
+        elif refused_by == FRONTEND and error:
+            problems.append(f"{name}: refused by the handler, so the worker received a body over max_request_size: "
+                            f"{response.text[:200]}")
         if seconds > MAX_REFUSAL_S:
             problems.append(f"{name}: took {seconds:.2f} s")
-        if growth_mib is not None and not big and growth_mib > 32:
+        if growth_mib is not None and (not big or refused_by == FRONTEND) and growth_mib > 32:
             problems.append(f"{name}: worker peak memory grew {growth_mib:.0f} MiB: something was decoded")
     pid_after = server.ready_pid()
     if pid_after != pid:
         problems.append(f"the worker changed ({pid} -> {pid_after})")
     _next_request(server, problems)
+    # None when no peak could be read (clear_refs refused): not a growth of 0.
+    small_growth = [c["worker_peak_growth_mib"] for c in cases
+                    if not c["big_body"] and c["worker_peak_growth_mib"] is not None]
     return {"tried": len(cases), "refused_4xx": sum(400 <= c["status"] < 500 for c in cases),
             "max_seconds": max(c["seconds"] for c in cases),
-            "max_worker_peak_growth_mib_small_bodies": max(
-                (c["worker_peak_growth_mib"] or 0) for c in cases if not c["big_body"]),
+            "max_worker_peak_growth_mib_small_bodies": max(small_growth) if small_growth else None,
             "worker_pid_unchanged": pid_after == pid, "cases": cases, "problems": problems}
 
 
@@ -914,7 +1055,7 @@ class BodyFuzzer:
         self.small_images = [b64(image_bytes(w, h, fmt)) for (w, h, fmt) in
                              ((16, 16, "PNG"), (48, 32, "JPEG"), (40, 64, "WEBP"), (128, 96, "PNG"))]
         self.deep_depths = iter(range(850, 1010))
-        self.hostile_image_values = [value for _, value, _ in hostile_images() if not (
+        self.hostile_image_values = [value for _, value, _, _ in hostile_images() if not (
             isinstance(value, str) and len(value) > MIB)]
 
     def text(self, max_len: int = 60) -> str:
@@ -1094,8 +1235,11 @@ class Oracle:
         self.limits = config.limits
 
     def expect(self, data: bytes, content_type: str | None) -> dict[str, Any]:
-        from handler.errors import WanError
-        from handler.request import parse_request
+        """The status (and field, or request) the server must answer, and in which protocol's
+        wrapping: the handler opens KServe v1/v2 bodies itself (handler/envelopes.py)."""
+        from handler.envelopes import Protocol, detect, open_envelope
+        from handler.errors import InvalidRequest, WanError
+        from handler.request import OutputKind, decode_body, parse_request
 
         body: Any = data
         if content_type == "application/json":
@@ -1105,13 +1249,25 @@ class Oracle:
                 body = json.loads(data.decode("utf-8"))
             except Exception:  # noqa: BLE001 - exactly what TorchServe catches
                 body = data
+        protocol = Protocol.PLAIN
         try:
-            request = parse_request(body, self.spec, self.defaults, self.limits, storage_configured=True)
+            # As handler/wan_handler.py: the body decoded, its envelope (if any) opened, then the
+            # request parsed; through an envelope only JSON outputs (as WanService.parse).
+            decoded = decode_body(body, self.limits)
+            envelope = detect(decoded)
+            protocol = envelope.protocol
+            envelope, inner = open_envelope(envelope, decoded)
+            request = parse_request(inner, self.spec, self.defaults, self.limits, storage_configured=True)
+            if envelope.wrapped and (request.stream or request.output is OutputKind.MP4):
+                raise InvalidRequest("through the KServe envelope, use output 'inline' or 'url' without stream",
+                                     "output")
         except WanError as error:
-            return {"status": error.http_status, "field": error.field, "message": error.message}
+            return {"status": error.http_status, "field": error.field, "message": error.message,
+                    "protocol": protocol.value}
         except Exception as exc:  # noqa: BLE001 - a parser bug: the server would answer 500
-            return {"status": 500, "field": None, "message": f"the parser raised {type(exc).__name__}: {exc}"}
-        return {"status": 200, "request": request}
+            return {"status": 500, "field": None, "message": f"the parser raised {type(exc).__name__}: {exc}",
+                    "protocol": protocol.value}
+        return {"status": 200, "request": request, "protocol": protocol.value}
 
 
 def run_fuzz(server: Server, count: int, seed: int, oracle: Oracle, check_every: int = 50) -> dict[str, Any]:
@@ -1126,7 +1282,7 @@ def run_fuzz(server: Server, count: int, seed: int, oracle: Oracle, check_every:
     by_kind: Counter[str] = Counter()
     mismatches = five_xx = not_json = bad_video = restarts = 0
     seconds_4xx: list[float] = []
-    session = requests.Session()
+    session = local_session()
     started = time.monotonic()
 
     def note(text: str) -> None:
@@ -1156,10 +1312,15 @@ def run_fuzz(server: Server, count: int, seed: int, oracle: Oracle, check_every:
             five_xx += 1
             note(f"#{index} {kind}: {status} {response.text[:200]} for {data[:300]!r} ({content_type})")
             continue
+        # The protocol the answer came back in (KServe v1/v2 wrapping or plain), if it is JSON.
+        answered_as = None
+        if response.headers.get("Content-Type", "").startswith("application/json"):
+            with contextlib.suppress(ValueError):
+                answered_as = answer_protocol(response.json())
         if 400 <= status < 500:
             seconds_4xx.append(seconds)
             try:
-                error = response.json()["error"]
+                error = unwrap_answer(response.json())["error"]
                 assert isinstance(error["message"], str) and error["message"] and "type" in error and "field" in error
             except (ValueError, KeyError, TypeError, AssertionError):
                 if not (status == 413 and "code" in response.text):  # TorchServe's own 413 has its own shape
@@ -1186,6 +1347,10 @@ def run_fuzz(server: Server, count: int, seed: int, oracle: Oracle, check_every:
                 elif status == 400 and expected["field"] is not None and error.get("field") != expected["field"]:
                     mismatches += 1
                     note(f"#{index} {kind}: server names field {error.get('field')!r}, parser {expected['field']!r}")
+            if (status == 200 or error) and answered_as is not None and answered_as != expected["protocol"]:
+                mismatches += 1
+                note(f"#{index} {kind}: answered as {answered_as}, the request came as {expected['protocol']}: "
+                     f"{response.text[:160]!r}")
         if status == 200:
             request = expected.get("request") if expected else None
             expect = ({"width": request.width, "height": request.height, "num_frames": request.num_frames}
@@ -1211,19 +1376,46 @@ def run_fuzz(server: Server, count: int, seed: int, oracle: Oracle, check_every:
 # -- pytest reruns: S3 faults and the parser's properties ---------------------------------------------------------
 
 
-def run_pytest(args: list[str], env: dict[str, str] | None = None, timeout_s: float = 900) -> dict[str, Any]:
-    """Run pytest in a subprocess; return pass/fail counts and the test names (from JUnit XML)."""
+def _stop_group(process: subprocess.Popen, grace_s: float) -> None:
+    """Stop a process started with ``start_new_session`` and everything in its group: SIGINT first
+    (pytest runs its finalizers, which stop its servers), SIGKILL to whatever is left after
+    ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def run_pytest(args: list[str], env: dict[str, str] | None = None, timeout_s: float = 900,
+               stop_grace_s: float = 60) -> dict[str, Any]:
+    """Run pytest in a subprocess (its own process group, stopped with it past ``timeout_s``);
+    return pass/fail counts and the test names (from JUnit XML). Like the campaign's servers, it
+    gets none of the caller's storage or proxy variables: each test sets the ones it uses."""
+    command_text = shlex.join(["python", "-m", "pytest", *args])
     with tempfile.TemporaryDirectory(prefix="wan-campaign-") as tmp:
         report = Path(tmp) / "report.xml"
+        output = Path(tmp) / "output.txt"
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *args]
         started = time.monotonic()
-        try:
-            completed = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, **(env or {})}, capture_output=True,
-                                       text=True, timeout=timeout_s, check=False)
-            tail = completed.stdout[-1500:]
-            returncode = completed.returncode
-        except subprocess.TimeoutExpired:
-            return {"command": shlex.join(["python", "-m", "pytest", *args]), "problems": [f"pytest ran past {timeout_s} s"]}
+        # Output to a file, not a pipe: a server pytest leaves behind would hold a pipe open.
+        with open(output, "wb") as out:
+            process = subprocess.Popen(command, cwd=REPO_ROOT, env={**without_outside(dict(os.environ)), **(env or {})},
+                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                returncode = process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                returncode = None
+                _stop_group(process, stop_grace_s)
+            except BaseException:  # interrupted (SIGTERM on the campaign): leave nothing running
+                _stop_group(process, stop_grace_s)
+                raise
+        tail = output.read_text(errors="replace")[-1500:]
+        if returncode is None:
+            return {"command": command_text, "seconds": round(time.monotonic() - started, 1),
+                    "problems": [f"pytest ran past {timeout_s} s and was stopped:\n{tail}"]}
         tests = []
         if report.is_file():
             for case in ElementTree.parse(report).iter("testcase"):
@@ -1236,7 +1428,7 @@ def run_pytest(args: list[str], env: dict[str, str] | None = None, timeout_s: fl
                 tests.append({"name": case.get("name"), "outcome": outcome, "seconds": float(case.get("time") or 0)})
     counts = Counter(t["outcome"] for t in tests)
     problems = [] if returncode == 0 and counts["passed"] and not counts["failed"] else [f"pytest failed:\n{tail}"]
-    return {"command": shlex.join(["python", "-m", "pytest", *args]), "passed": counts["passed"], "failed": counts["failed"],
+    return {"command": command_text, "passed": counts["passed"], "failed": counts["failed"],
             "skipped": counts["skipped"], "seconds": round(time.monotonic() - started, 1), "tests": tests,
             "problems": problems}
 
@@ -1249,9 +1441,19 @@ S3_FAULT_TESTS = ["tests/test_storage.py", "-k", "outage or missing_bucket or is
 # -- moto for the fuzz server (results go to S3, so storage is fuzzed too) ---------------------------------------
 
 
+def moto_env(endpoint: str, bucket: str) -> dict[str, str]:
+    """All the storage settings a server writing to a moto endpoint gets. ``running`` drops the
+    caller's (AWS_ENDPOINT_URL_S3 would win over AWS_ENDPOINT_URL; a profile or config file could
+    name other credentials or endpoints), so these are the only ones it has."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_EC2_METADATA_DISABLED": "true", "WAN_S3_BUCKET": bucket}
+
+
 @contextlib.contextmanager
-def moto_s3(log_path: Path) -> Iterator[dict[str, str]]:
-    """moto in server mode on 127.0.0.1 with one bucket; yields the server's S3 environment."""
+def moto_s3(log_path: Path, bucket: str = "wan-fuzz", timeout_s: float = 30.0) -> Iterator[dict[str, str]]:
+    """moto in server mode on 127.0.0.1 with one bucket; yields the server's S3 environment
+    (moto_env). Fails if moto does not listen within ``timeout_s``."""
     [port] = free_ports(1)
     endpoint = f"http://127.0.0.1:{port}"
     moto_server = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
@@ -1259,18 +1461,26 @@ def moto_s3(log_path: Path) -> Iterator[dict[str, str]]:
         process = subprocess.Popen([moto_server, "-H", "127.0.0.1", "-p", str(port)], stdout=log,
                                    stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            time.sleep(0.1)
-        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1", "WAN_S3_BUCKET": "wan-fuzz"}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"moto_server exited ({process.returncode}) before listening on {endpoint}; "
+                                   f"see {log_path}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"moto_server did not listen on {endpoint} within {timeout_s:.0f} s; "
+                                       f"see {log_path}") from None
+                time.sleep(0.1)
         import boto3
+        from botocore.config import Config
 
+        # Straight to moto: no proxy of the caller's environment (proxies={} is "none").
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                     aws_secret_access_key="testing").create_bucket(Bucket="wan-fuzz")
-        yield env
+                     aws_secret_access_key="testing", config=Config(proxies={})).create_bucket(Bucket=bucket)
+        yield moto_env(endpoint, bucket)
     finally:
         process.terminate()
         try:
@@ -1314,7 +1524,7 @@ def campaign(plan: Plan, root: Path, weights_dir: Path, only: tuple[str, ...] = 
             with running(root / "faults", config, weights_dir) as server:
                 out: dict[str, Any] = {"kill_streamed": [], "kill_plain": [], "oom": []}
                 for i in range(plan.ooms):
-                    out["oom"].append(run_oom(server, retry_big=(plan.name == "full" and i == 0)))
+                    out["oom"].append(run_oom(server, retry_big=(plan.oom_retry_big and i == 0)))
                 for _ in range(plan.kills):
                     out["kill_streamed"].append(run_kill_streamed(server))
                     out["kill_plain"].append(run_kill_plain(server))
@@ -1324,8 +1534,8 @@ def campaign(plan: Plan, root: Path, weights_dir: Path, only: tuple[str, ...] = 
         def deadline():
             config = deadline_config(root / "deadline" / "model-config.yaml")
             with running(root / "deadline", config, weights_dir) as server:
-                runs = [run_deadline(server, stream=bool(i % 2)) for i in range(max(2, plan.deadlines))]
-                control = run_timeout_control(server) if plan.name == "full" else None
+                runs = [run_deadline(server, stream=bool(i % 2)) for i in range(plan.deadlines)]
+                control = run_timeout_control(server) if plan.timeout_control else None
                 return {"runs": runs, "timeout_control": control}
         timed("deadline", deadline)
     if "images" in only:
@@ -1463,25 +1673,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is not None:
         plan = dataclasses.replace(plan, seed=args.seed)
     root = args.work_dir or Path(tempfile.mkdtemp(prefix="wan-campaign-"))
-    started = time.monotonic()
-    results = campaign(plan, root, args.weights, only)
-    record = {
-        "command": shlex.join(["python", "-m", "scripts.campaign", *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "machine": machine(),
-        "plan": dataclasses.asdict(plan),
-        "seconds": round(time.monotonic() - started, 1),
-        "totals": totals(results),
-        "results": results,
-    }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n")
-    print(summary(record))
-    if args.work_dir is None:
-        shutil.rmtree(root, ignore_errors=True)
-    return 0 if record["totals"]["problems"] == 0 else 1
+    # SIGTERM (a CI job cancelled, `timeout`, kill) unwinds like Ctrl-C: every finally stops its
+    # server, moto, pytest's group. Only the main thread may set handlers (main() in a test's thread).
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        started = time.monotonic()
+        results = campaign(plan, root, args.weights, only)
+        record = {
+            "command": shlex.join(["python", "-m", "scripts.campaign", *(argv if argv is not None else sys.argv[1:])]),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": git_commit(),
+            "machine": machine(),
+            "plan": dataclasses.asdict(plan),
+            "seconds": round(time.monotonic() - started, 1),
+            "totals": totals(results),
+            "results": results,
+        }
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n")
+        print(summary(record))
+        return 0 if record["totals"]["problems"] == 0 else 1
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        if args.work_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM raises KeyboardInterrupt (``timed`` lets it through); later ones are ignored while
+    the finally blocks stop the servers (each wait there is bounded)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -147,11 +147,25 @@ def ensure_model(layout: ServerLayout) -> Path:
     return archive
 
 
-def _server_env(layout: ServerLayout, java_home: str) -> dict[str, str]:
+def reaches_outside(name: str) -> bool:
+    """Whether an environment variable points a process at the network outside this machine:
+    object storage (``WAN_S3_*``, ``AWS_*``) or a proxy (``*_PROXY``, either case)."""
+    upper = name.upper()
+    return upper.startswith(("WAN_S3_", "AWS_")) or upper.endswith("_PROXY")
+
+
+def without_outside(env: dict[str, str]) -> dict[str, str]:
+    """``env`` less the variables ``reaches_outside`` names."""
+    return {name: value for name, value in env.items() if not reaches_outside(name)}
+
+
+def _server_env(layout: ServerLayout, java_home: str, isolated: bool = False) -> dict[str, str]:
+    """The server's environment: the caller's, or with ``isolated`` the caller's less anything
+    that reaches outside (storage, proxies), so only what ``extra_env`` sets gets there."""
     tmp = layout.run_dir / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     return dict(
-        os.environ,
+        without_outside(dict(os.environ)) if isolated else os.environ,
         JAVA_HOME=java_home,
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{java_home}/bin{os.pathsep}{os.environ.get('PATH', '')}",
         # TEMP becomes java.io.tmpdir (model folders), TMPDIR holds the pid file and sockets.
@@ -168,11 +182,18 @@ def _auth(layout: ServerLayout, kind: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {read_key(layout.key_file, kind)}"} if layout.key_file.is_file() else {}
 
 
+def _local_get(url: str, **kwargs) -> requests.Response:
+    """GET from the local server directly: never through a proxy of the caller's environment."""
+    with requests.Session() as session:
+        session.trust_env = False
+        return session.get(url, **kwargs)
+
+
 def _ping(layout: ServerLayout) -> bool:
     if not layout.key_file.is_file() and not layout.snapshot_models:
         return False
     try:
-        response = requests.get(f"{layout.inference_url}/ping", timeout=2, headers=_auth(layout, "inference"))
+        response = _local_get(f"{layout.inference_url}/ping", timeout=2, headers=_auth(layout, "inference"))
     except (requests.RequestException, ValueError, KeyError):
         return False
     return response.status_code == 200 and response.json().get("status") == "Healthy"
@@ -180,8 +201,8 @@ def _ping(layout: ServerLayout) -> bool:
 
 def _workers_ready(layout: ServerLayout) -> bool:
     try:
-        response = requests.get(f"{layout.management_url}/models/{layout.model_name}", timeout=2,
-                                headers=_auth(layout, "management"))
+        response = _local_get(f"{layout.management_url}/models/{layout.model_name}", timeout=2,
+                              headers=_auth(layout, "management"))
         workers = response.json()[0]["workers"] if response.ok else []
     except (requests.RequestException, ValueError, KeyError, IndexError, OSError):
         return False
@@ -192,8 +213,10 @@ def is_running(layout: ServerLayout) -> bool:
     return _ping(layout) and _workers_ready(layout)
 
 
-def start(layout: ServerLayout = ServerLayout(), timeout_s: float = 300.0, extra_env: dict | None = None) -> float:
-    """Start TorchServe in the background and wait until the model answers; return seconds taken."""
+def start(layout: ServerLayout = ServerLayout(), timeout_s: float = 300.0, extra_env: dict | None = None,
+          isolated: bool = False) -> float:
+    """Start TorchServe in the background and wait until the model answers; return seconds taken.
+    ``isolated``: the server gets no storage or proxy variables from the caller (``_server_env``)."""
     if is_running(layout):
         print("TorchServe is already running.")
         report(layout)
@@ -208,7 +231,7 @@ def start(layout: ServerLayout = ServerLayout(), timeout_s: float = 300.0, extra
     if not layout.snapshot_models:
         ensure_model(layout)
     layout.run_dir.mkdir(parents=True, exist_ok=True)
-    env = _server_env(layout, java_home)
+    env = _server_env(layout, java_home, isolated)
     env.update(extra_env or {})
     started = time.monotonic()
     command = [

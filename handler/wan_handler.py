@@ -9,18 +9,19 @@ streaming span all three stages.
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Any
 
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.envelopes import Envelope, Protocol, detect, open_envelope
-from handler.errors import InternalError, InvalidRequest, WanError
+from handler.errors import InvalidRequest, WanError
 from handler.request import decode_body
 from handler.service import NDJSON_CONTENT_TYPE, Reply, WanService
 
 # TorchServe hands each request over as {"body": <JSON it decoded>} or {"data": <bytes>}; {}
-# when it kept nothing (a form-encoded post). Any other row was unwrapped by TorchServe's own
-# KServe envelope, which must be off (handler/envelopes.py says why).
+# when it kept nothing. A form post (urlencoded or multipart) arrives as its fields instead, and
+# so do rows that TorchServe's own KServe envelope unwrapped (it must be off: handler/envelopes.py).
 _ROW_KEYS = {"body", "data"}
 
 
@@ -37,11 +38,8 @@ class WanVideoHandler(BaseHandler):
 
     def handle(self, data, context):
         self.context = context
-        if not isinstance(data, list) or not all(isinstance(row, dict) and set(row) <= _ROW_KEYS for row in data):
-            # Every rank of a multi-GPU worker sees the same rows: they all refuse alike.
-            return self._answer_all(context, max(1, len(data) if isinstance(data, list) else 1), InternalError(
-                "TorchServe's KServe envelope is on (TS_SERVICE_ENVELOPE or service_envelope): turn it off; "
-                "this handler reads KServe v1 and v2 requests itself"))
+        if not isinstance(data, list) or not data:
+            data = [{}]  # nothing kept: answered as a missing body
         replies = []
         for index, row in enumerate(data):
             request_id = context.get_request_id(index) or f"req-{index}"
@@ -54,9 +52,14 @@ class WanVideoHandler(BaseHandler):
                                          self.service.model.get("version", ""), request_id))
         return replies
 
-    def _answer(self, row: dict, request_id: str, context, index: int) -> tuple[Envelope, Reply]:
+    def _answer(self, row: Any, request_id: str, context, index: int) -> tuple[Envelope, Reply]:
         envelope = Envelope(Protocol.PLAIN)
         try:
+            if not isinstance(row, dict) or not set(row) <= _ROW_KEYS:
+                # Every rank of a multi-GPU worker sees the same rows: they all refuse alike.
+                raise InvalidRequest("expected one JSON request sent with Content-Type: application/json; got form "
+                                     "fields (or rows TorchServe's own KServe envelope unwrapped: that must be off, "
+                                     "this handler reads KServe v1 and v2 bodies itself)", None)
             if context.get_request_header(index, "explain") == "True":
                 raise InvalidRequest("explanations are not served for video generation: use :predict or "
                                      "/predictions", None)
@@ -68,13 +71,6 @@ class WanVideoHandler(BaseHandler):
         except WanError as error:
             return envelope, Reply(body=error.to_body(), status=error.http_status)
         return envelope, self.service.handle(body, request_id, self._emitter(context, index), envelope.wrapped)
-
-    @staticmethod
-    def _answer_all(context, count: int, error: WanError) -> list:
-        for index in range(count):
-            context.set_response_status(error.http_status, HTTPStatus(error.http_status).phrase, index)
-            context.set_response_content_type(index, "application/json")
-        return [error.to_body()] * count
 
     @staticmethod
     def _emitter(context, index):

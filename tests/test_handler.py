@@ -134,13 +134,16 @@ def test_malformed_kserve_bodies_are_400s_naming_the_problem(handler_and_context
     assert error["field"] == field and words in error["message"]
 
 
-def test_rows_unwrapped_by_torchserves_own_envelope_are_refused_as_a_misconfiguration(handler_and_context):
+@pytest.mark.parametrize("row", [
+    {"prompt": "a cat"},  # a form post's fields, or a row TS_SERVICE_ENVELOPE=kserve unwrapped
+    {"prompt": b"a cat", "num_frames": b"9"},  # multipart fields arrive as bytes
+])
+def test_rows_other_than_a_body_are_a_400_naming_json_and_the_envelope(handler_and_context, row):
     handler, context = handler_and_context
     _prepare(context)
-    # TS_SERVICE_ENVELOPE=kserve hands over the instances themselves, not {"body": ...}.
-    [reply] = handler.handle([{"prompt": "a cat"}], context)
-    assert context.get_response_status(0)[0] == 500
-    assert "TS_SERVICE_ENVELOPE" in reply["error"]["message"]
+    [reply] = handler.handle([row], context)
+    assert context.get_response_status(0)[0] == 400
+    assert "application/json" in reply["error"]["message"] and "envelope" in reply["error"]["message"]
 
 
 def test_explain_is_refused(handler_and_context):

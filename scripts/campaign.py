@@ -1048,7 +1048,7 @@ class BodyFuzzer:
     """A seeded generator of request bodies, from valid to hostile, as (kind, bytes, content type)."""
 
     KINDS = (("valid", 14), ("bad_value", 34), ("structure", 10), ("random_json", 8), ("deep", 6),
-             ("text", 10), ("bytes", 8), ("image", 6), ("content_type", 4))
+             ("text", 10), ("bytes", 8), ("image", 6), ("content_type", 4), ("kserve", 8))
 
     def __init__(self, seed: int):
         self.rng = random.Random(seed)
@@ -1108,6 +1108,42 @@ class BodyFuzzer:
         ]
         return rng.choice(pool)
 
+    def kserve_body(self) -> dict[str, Any]:
+        """A KServe v1 or v2 body (handler/envelopes.py), well-formed or broken in one place."""
+        rng = self.rng
+        request: dict[str, Any] = self.valid()
+        if rng.random() < 0.3:
+            request[rng.choice(FIELDS)] = self.hostile_value()
+        broken = rng.random() < 0.5
+        if rng.random() < 0.5:
+            instances: Any = [request]
+            extra: dict[str, Any] = {}
+            if broken:
+                choice = rng.randrange(4)
+                instances = {0: request, 1: [], 2: [request, request], 3: self.hostile_value()}[choice]
+                extra = {"signature_name": "serving_default"} if rng.random() < 0.3 else {}
+            return {"instances": instances, **extra}
+        item: dict[str, Any] = {"name": "request", "datatype": "BYTES", "shape": [1],
+                                "data": [_dump(request) if rng.random() < 0.8 else request]}
+        body: dict[str, Any] = {"inputs": [item]}
+        if rng.random() < 0.5:
+            body["id"] = self.text(20)
+        if broken:
+            choice = rng.randrange(6)
+            if choice == 0:
+                item[rng.choice(["name", "datatype", "shape", "data"])] = self.hostile_value()
+            elif choice == 1:
+                item.pop(rng.choice(["name", "datatype", "shape"]))
+            elif choice == 2:
+                item["data"] = [_dump(request)] * 2
+            elif choice == 3:
+                body["inputs"] = rng.choice([[], [item, item], self.hostile_value()])
+            elif choice == 4:
+                body["id"] = self.hostile_value()
+            else:
+                body[rng.choice(["parameters", "outputs"])] = {"x": 1}
+        return body
+
     def nested(self, depth: int, kind: str) -> str:
         return _raw(("[" * depth + "]" * depth) if kind == "list" else ('{"a":' * depth + "1" + "}" * depth))
 
@@ -1143,6 +1179,8 @@ class BodyFuzzer:
             else:
                 body = {"instances": [body]} if rng.random() < 0.5 else {"inputs": [{"name": "x", "data": body}]}
             return kind, _dump(body).encode(), content_type, None
+        if kind == "kserve":
+            return kind, _dump(self.kserve_body()).encode(), content_type, None
         if kind == "random_json":
             return kind, _dump(self.random_json(4)).encode(), content_type, None
         if kind == "deep":

@@ -189,24 +189,25 @@ def test_placement_private_first_then_public(standin, crds):
     assert world.choosable(world.claim(runtime)[0]) == {"wan-private", "wan-public-spot"}
 
 
-def test_the_four_gpu_service_reads_its_own_store_in_each_cluster(standin, crds):
-    world = good_world(standin, crds)
-    obj = world.find(*ck.INFERENCE_SERVICE, "wan", "wan-t2v-a14b-4gpu")
+def _per_cluster(world, name: str) -> tuple[dict, dict]:
+    """The InferenceService ``name`` as the private and the public cluster get it."""
+    obj = world.find(*ck.INFERENCE_SERVICE, "wan", name)
     private, problems = ck.effective(world, obj, world.cluster("wan-private"))
     assert problems == []
     public, problems = ck.effective(world, obj, world.cluster("wan-public-spot"))
     assert problems == []
+    return private, public
+
+
+def test_the_four_gpu_service_reads_its_own_store_in_each_cluster(standin, crds):
+    private, public = _per_cluster(good_world(standin, crds), "wan-t2v-a14b-4gpu")
     assert private["spec"]["predictor"]["model"]["storageUri"] == "pvc://wan-model-store/t2v-a14b-4gpu"
     assert public["spec"]["predictor"]["model"]["storageUri"] == "s3://wan-models-eu-west-1/t2v-a14b-4gpu"
 
 
 def test_per_cluster_objects_after_the_overrides(standin, crds):
     world = good_world(standin, crds)
-    obj = world.find(*ck.INFERENCE_SERVICE, "wan", "wan-t2v-a14b")
-    private, problems = ck.effective(world, obj, world.cluster("wan-private"))
-    assert problems == []
-    public, problems = ck.effective(world, obj, world.cluster("wan-public-spot"))
-    assert problems == []
+    private, public = _per_cluster(world, "wan-t2v-a14b")
     assert private["spec"]["predictor"]["model"]["storageUri"] == "pvc://wan-model-store/t2v-a14b"
     assert private["spec"]["predictor"]["model"]["image"] == "registry.wan.internal/wan/wan-torchserve:0.1.0"
     assert private["spec"]["predictor"]["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
@@ -219,7 +220,8 @@ def test_per_cluster_objects_after_the_overrides(standin, crds):
     annotations = ck.effective(world, secret, world.cluster("wan-public-spot"))[0]["metadata"]["annotations"]
     assert annotations["serving.kserve.io/s3-endpoint"] == "s3.eu-west-1.amazonaws.com"
     assert annotations["serving.kserve.io/s3-region"] == "eu-west-1"
-    assert obj.doc["spec"]["predictor"]["model"]["storageUri"] == "s3://wan-models/t2v-a14b"  # template untouched
+    template = world.find(*ck.INFERENCE_SERVICE, "wan", "wan-t2v-a14b")
+    assert template.doc["spec"]["predictor"]["model"]["storageUri"] == "s3://wan-models/t2v-a14b"  # untouched
 
 
 # -- broken manifests ------------------------------------------------------------------------------

@@ -21,11 +21,12 @@ HTTP exchange would share one status (a failure would lose the finished ones).
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from handler.errors import InvalidRequest
+from handler.config import RequestLimits
+from handler.errors import InvalidRequest, WanError
+from handler.request import GenerationRequest, OutputKind, decode_body, show_value
 
 
 class Protocol(enum.Enum):
@@ -46,6 +47,12 @@ class Envelope:
     def wrapped(self) -> bool:
         return self.protocol is not Protocol.PLAIN
 
+    def check_output(self, request: GenerationRequest) -> None:
+        """An envelope wraps every answer in a JSON document (and KServe's path does not pass
+        streams through): only JSON outputs can travel in one."""
+        if self.wrapped and (request.stream or request.output is OutputKind.MP4):
+            raise InvalidRequest("through the KServe envelope, use output 'inline' or 'url' without stream", "output")
+
     def wrap(self, answer: Any, model_name: str, model_version: str, request_id: str) -> Any:
         """The answer (a JSON-able body, or bytes for a plain MP4) in this protocol's response."""
         if self.protocol is Protocol.KSERVE_V1:
@@ -58,6 +65,22 @@ class Envelope:
                 "outputs": [{"name": self.input_name, "datatype": "BYTES", "shape": [1], "data": [answer]}],
             }
         return answer
+
+
+PLAIN = Envelope(Protocol.PLAIN)
+
+
+def unwrap(raw: Any, limits: RequestLimits) -> tuple[Envelope, Any]:
+    """The request in a body as TorchServe hands it over (bytes, text or decoded JSON), and the
+    envelope its answer leaves in. A refusal (a malformed body or envelope) comes back in place of
+    the request, as the WanError to answer, wrapped as the envelope was detected."""
+    envelope = PLAIN
+    try:
+        body = decode_body(raw, limits)
+        envelope = detect(body)  # known before opening it: its errors leave wrapped the same way
+        return open_envelope(envelope, body)
+    except WanError as error:
+        return envelope, error
 
 
 def detect(body: Any) -> Envelope:
@@ -94,9 +117,9 @@ def open_envelope(envelope: Envelope, body: Any) -> tuple[Envelope, Any]:
             raise InvalidRequest("inputs[0].name must be a non-empty string", "inputs")
         if item.get("datatype") != "BYTES":
             raise InvalidRequest(f'inputs[0].datatype must be "BYTES" (the request as JSON text), '
-                                 f"got {_short(item.get('datatype'))}", "inputs")
+                                 f"got {show_value(item.get('datatype'))}", "inputs")
         if item.get("shape") != [1]:
-            raise InvalidRequest(f"inputs[0].shape must be [1] (one request), got {_short(item.get('shape'))}",
+            raise InvalidRequest(f"inputs[0].shape must be [1] (one request), got {show_value(item.get('shape'))}",
                                  "inputs")
         data = item.get("data")
         # BYTES data is a list of elements; a bare element is accepted as that list of one.
@@ -121,10 +144,3 @@ def _only(items: Any, field: str, shape: str) -> Any:
         raise InvalidRequest(f"send one request per call (got {len(items)} in {field}): each is a video "
                              "that takes minutes, and several would share one status", field)
     return items[0]
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, list) and len(value) <= 4 and all(isinstance(v, int) for v in value):
-        return json.dumps(value)
-    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
-    return text if len(text) <= 40 else text[:40] + "..."

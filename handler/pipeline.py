@@ -402,13 +402,12 @@ class WanVideoPipeline:
         return _to_uint8_frames(video)
 
     def release_memory(self) -> None:
-        """Give memory back after a failure (out of memory above all): cached blocks to the GPU,
-        and the C heap's free pages to the system (glibc keeps them: RSS stayed ~100-200 MiB up
-        after a CPU out-of-memory, growing with each one, until trimmed)."""
+        """Give memory back after a failure (out of memory above all): the tensors the failure's
+        frames held, and the GPU's cached blocks (the C heap is trimmed after every request,
+        WanService.handle)."""
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        trim_host_heap()
 
 
 class _FrameStreamer:

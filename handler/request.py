@@ -103,7 +103,7 @@ def decode_body(body: Any, limits: RequestLimits) -> dict[str, Any]:
     return body
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     """A client's value as quoted in an error message: short, and cheap for any value (rendering
     a nested array with json.dumps can recurse past Python's limit: a 500 instead of a 400)."""
     if isinstance(value, (dict, list)):
@@ -118,19 +118,19 @@ def _int(body: Mapping[str, Any], name: str, default: int, low: int, high: int) 
     value = body.get(name, default)
     # bool is an int in Python; true as a width is a client bug, not 1.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"{name} must be an integer, got {_show(value)}", name)
+        raise InvalidRequest(f"{name} must be an integer, got {show_value(value)}", name)
     if not low <= value <= high:
-        raise InvalidRequest(f"{name} must be between {low} and {high}, got {_show(value)}", name)
+        raise InvalidRequest(f"{name} must be between {low} and {high}, got {show_value(value)}", name)
     return value
 
 
 def _number(body: Mapping[str, Any], name: str, default: float, high: float) -> float:
     value = body.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequest(f"{name} must be a number, got {_show(value)}", name)
+        raise InvalidRequest(f"{name} must be a number, got {show_value(value)}", name)
     if isinstance(value, int) and not -high <= value <= high:
         # Checked as an int: a huge JSON integer does not even convert to a float.
-        raise InvalidRequest(f"{name} must be between 0 and {high}, got {_show(value)}", name)
+        raise InvalidRequest(f"{name} must be between 0 and {high}, got {show_value(value)}", name)
     if not math.isfinite(value):
         raise InvalidRequest(f"{name} must be a finite number, got {value}", name)
     if not 0 <= value <= high:
@@ -290,14 +290,14 @@ def parse_request(
         output = OutputKind(output_value)
     except (ValueError, TypeError):
         raise InvalidRequest(
-            f"output must be one of {', '.join(k.value for k in OutputKind)}, got {_show(output_value)}", "output"
+            f"output must be one of {', '.join(k.value for k in OutputKind)}, got {show_value(output_value)}", "output"
         ) from None
     if output is OutputKind.URL and not storage_configured:
         raise InvalidRequest("output 'url' needs object storage, and this server has none configured (WAN_S3_BUCKET)", "output")
 
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise InvalidRequest(f"stream must be true or false, got {_show(stream)}", "stream")
+        raise InvalidRequest(f"stream must be true or false, got {show_value(stream)}", "stream")
     if stream and output is OutputKind.MP4:
         raise InvalidRequest("stream: true answers in NDJSON lines; use output 'inline' or 'url' with it", "output")
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from handler.config import HandlerConfig, load_handler_config
-from handler.errors import DeadlineExceeded, InternalError, InvalidRequest, OutOfMemory, WanError
+from handler.envelopes import PLAIN, Envelope
+from handler.errors import DeadlineExceeded, InternalError, OutOfMemory, WanError
 from handler.parallel import RankGroup
 from handler.pipeline import CollectiveBroken, WanVideoPipeline, pick_device, trim_host_heap
 from handler.request import GenerationRequest, OutputKind, parse_request
@@ -107,25 +108,20 @@ class WanService:
     def _fetch_s3(self, uri: str, field: str) -> bytes:
         return self.storage.fetch_image(uri, field, self.config.limits.max_image_bytes)
 
-    def parse(self, body: Any, enveloped: bool = False) -> GenerationRequest:
+    def parse(self, body: Any, envelope: Envelope = PLAIN) -> GenerationRequest:
         reads_s3 = self.storage is not None and bool(self.storage.config.input_buckets)
         group = self.pipeline.group
         request = parse_request(body, self.spec, self.defaults, self.config.limits, self.storage_configured,
                                 fetch_s3=self._fetch_s3 if reads_s3 else None,
                                 # The size chosen for an image must split over the sequence ranks.
                                 patches_divisor=group.layout.ulysses_degree if group else 1)
-        if enveloped and (request.stream or request.output is OutputKind.MP4):
-            # The KServe envelopes wrap every answer in a JSON document and KServe's proxy does
-            # not pass streams through: only JSON outputs make sense there.
-            raise InvalidRequest(
-                "through the KServe envelope, use output 'inline' or 'url' without stream", "output"
-            )
+        envelope.check_output(request)
         self.pipeline.check_prompt_length(request.prompt, "prompt")
         self.pipeline.check_prompt_length(request.negative_prompt, "negative_prompt")
         self.pipeline.check_split(request)
         return request
 
-    def handle(self, body: Any, request_id: str, emit: Emit | None = None, enveloped: bool = False) -> Reply:
+    def handle(self, body: Any, request_id: str, emit: Emit | None = None, envelope: Envelope = PLAIN) -> Reply:
         """Answer one request. Never raises: every failure becomes an error reply.
 
         On a worker of several ranks, every rank is called with the same request; the leader
@@ -134,7 +130,7 @@ class WanService:
         if group is not None and not group.is_leader:
             reply = self._follow(request_id)
         else:
-            reply = self._lead(body, request_id, emit, enveloped)
+            reply = self._lead(body, request_id, emit, envelope)
         # glibc keeps the pages a request freed (frames, decode buffers, the encoder's) in its
         # arenas: without this the worker's RSS grew by ~0.3 MiB per request (+70 MiB over 240
         # small ones, no Python object left behind) and held a big request's ~270 MiB until a
@@ -143,7 +139,7 @@ class WanService:
         trim_host_heap()
         return reply
 
-    def _lead(self, body: Any, request_id: str, emit: Emit | None, enveloped: bool) -> Reply:
+    def _lead(self, body: Any, request_id: str, emit: Emit | None, envelope: Envelope) -> Reply:
         """The answer to one request: on one process, or as the leader of several ranks."""
         group = self.pipeline.group
         started = time.perf_counter()
@@ -152,7 +148,7 @@ class WanService:
         request = None
         try:
             try:
-                request = self.parse(body, enveloped)
+                request = self.parse(body, envelope)
             finally:
                 if group is not None:
                     group.share_decision(request)  # None after a refusal: nothing to generate

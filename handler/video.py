@@ -44,7 +44,6 @@ class Mp4Encoder:
     def __init__(self, fps: int, settings: VideoEncoding | None = None):
         self.fps = fps
         self.settings = settings or VideoEncoding()
-        self.frames = 0
         self._chunks: queue.SimpleQueue = queue.SimpleQueue()
         self._result: bytes | None = None
         self._error: BaseException | None = None
@@ -54,7 +53,6 @@ class Mp4Encoder:
     def add(self, frames: np.ndarray) -> None:
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"expected uint8 frames (F, H, W, 3), got {frames.dtype} {frames.shape}")
-        self.frames += len(frames)
         self._chunks.put(frames)
 
     def finish(self) -> bytes:

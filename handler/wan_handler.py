@@ -14,9 +14,8 @@ from typing import Any
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.envelopes import Envelope, Protocol, detect, open_envelope
+from handler.envelopes import PLAIN, Envelope, unwrap
 from handler.errors import InvalidRequest, WanError
-from handler.request import decode_body
 from handler.service import NDJSON_CONTENT_TYPE, Reply, WanService
 
 # TorchServe hands each request over as {"body": <JSON it decoded>} or {"data": <bytes>}; {}
@@ -53,24 +52,20 @@ class WanVideoHandler(BaseHandler):
         return replies
 
     def _answer(self, row: Any, request_id: str, context, index: int) -> tuple[Envelope, Reply]:
-        envelope = Envelope(Protocol.PLAIN)
-        try:
-            if not isinstance(row, dict) or not set(row) <= _ROW_KEYS:
-                # Every rank of a multi-GPU worker sees the same rows: they all refuse alike.
-                raise InvalidRequest("expected one JSON request sent with Content-Type: application/json; got form "
-                                     "fields (or rows TorchServe's own KServe envelope unwrapped: that must be off, "
-                                     "this handler reads KServe v1 and v2 bodies itself)", None)
-            if context.get_request_header(index, "explain") == "True":
-                raise InvalidRequest("explanations are not served for video generation: use :predict or "
-                                     "/predictions", None)
-            raw = row.get("body") if row.get("body") is not None else row.get("data")
-            # Decoded here (a malformed body is refused as the service would) to see its shape.
-            body = decode_body(raw, self.service.config.limits)
-            envelope = detect(body)  # known before opening it: its errors leave wrapped the same way
-            envelope, body = open_envelope(envelope, body)
-        except WanError as error:
-            return envelope, Reply(body=error.to_body(), status=error.http_status)
-        return envelope, self.service.handle(body, request_id, self._emitter(context, index), envelope.wrapped)
+        # Refusals here are decided alike on every rank of a multi-GPU worker (the same rows).
+        if not isinstance(row, dict) or not set(row) <= _ROW_KEYS:
+            return PLAIN, _refusal(InvalidRequest(
+                "expected one JSON request sent with Content-Type: application/json; got form fields (or rows "
+                "TorchServe's own KServe envelope unwrapped: that must be off, this handler reads KServe v1 and "
+                "v2 bodies itself)"))
+        if context.get_request_header(index, "explain") == "True":
+            return PLAIN, _refusal(InvalidRequest(
+                "explanations are not served for video generation: use :predict or /predictions"))
+        envelope, body = unwrap(row.get("body") if row.get("body") is not None else row.get("data"),
+                                self.service.config.limits)
+        if isinstance(body, WanError):
+            return envelope, _refusal(body)
+        return envelope, self.service.handle(body, request_id, self._emitter(context, index), envelope)
 
     @staticmethod
     def _emitter(context, index):
@@ -82,3 +77,7 @@ class WanVideoHandler(BaseHandler):
             )
 
         return emit
+
+
+def _refusal(error: WanError) -> Reply:
+    return Reply(body=error.to_body(), status=error.http_status)

@@ -1275,9 +1275,9 @@ class Oracle:
     def expect(self, data: bytes, content_type: str | None) -> dict[str, Any]:
         """The status (and field, or request) the server must answer, and in which protocol's
         wrapping: the handler opens KServe v1/v2 bodies itself (handler/envelopes.py)."""
-        from handler.envelopes import Protocol, detect, open_envelope
-        from handler.errors import InvalidRequest, WanError
-        from handler.request import OutputKind, decode_body, parse_request
+        from handler.envelopes import PLAIN, unwrap
+        from handler.errors import WanError
+        from handler.request import parse_request
 
         body: Any = data
         if content_type == "application/json":
@@ -1287,18 +1287,16 @@ class Oracle:
                 body = json.loads(data.decode("utf-8"))
             except Exception:  # noqa: BLE001 - exactly what TorchServe catches
                 body = data
-        protocol = Protocol.PLAIN
+        # As handler/wan_handler.py: the envelope (if any) opened, the request parsed, its output
+        # checked against the envelope (as WanService.parse).
+        protocol = PLAIN.protocol
         try:
-            # As handler/wan_handler.py: the body decoded, its envelope (if any) opened, then the
-            # request parsed; through an envelope only JSON outputs (as WanService.parse).
-            decoded = decode_body(body, self.limits)
-            envelope = detect(decoded)
+            envelope, inner = unwrap(body, self.limits)
             protocol = envelope.protocol
-            envelope, inner = open_envelope(envelope, decoded)
+            if isinstance(inner, WanError):
+                raise inner
             request = parse_request(inner, self.spec, self.defaults, self.limits, storage_configured=True)
-            if envelope.wrapped and (request.stream or request.output is OutputKind.MP4):
-                raise InvalidRequest("through the KServe envelope, use output 'inline' or 'url' without stream",
-                                     "output")
+            envelope.check_output(request)
         except WanError as error:
             return {"status": error.http_status, "field": error.field, "message": error.message,
                     "protocol": protocol.value}

@@ -83,10 +83,11 @@ class Server:
         return sorted(int(w["pid"]) for w in self.describe()["workers"] if w.get("pid") is not None)
 
 
-def start_server(root: Path, weights_dir: Path, extra_properties: str = "", extra_env: dict | None = None) -> Server:
-    """Same settings as make serve, on free ports so tests never collide with a running server."""
-    server = Server(isolated_layout(root, extra_properties, weights_dir=weights_dir))
-    server.startup_s = start(server.layout, timeout_s=240, extra_env=extra_env)
+def start_server(root: Path, weights_dir: Path, extra_env: dict | None = None) -> Server:
+    """Same settings as make serve, on free ports so tests never collide with a running server;
+    no storage or proxy variables from the caller's environment, only ``extra_env``'s."""
+    server = Server(isolated_layout(root, weights_dir=weights_dir))
+    server.startup_s = start(server.layout, timeout_s=240, extra_env=extra_env, isolated=True)
     return server
 
 

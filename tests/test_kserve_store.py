@@ -79,9 +79,6 @@ def test_template_settings_kserve_relies_on():
     properties = read_properties(TEMPLATE.read_text())
     assert properties["inference_address"] == "http://0.0.0.0:8085"
     assert properties["management_address"].startswith("http://127.0.0.1:")
-    # No TS_* overrides from the pod's env: KServe's own runtimes set TS_SERVICE_ENVELOPE, which
-    # would unwrap bodies before the handler (malformed ones answered 503 instead of 400).
-    assert properties.get("enable_envvars_config", "false") != "true"
     assert properties["disable_token_authorization"] == "true"
     assert properties["metrics_mode"] == "prometheus"
     assert "model_snapshot" not in properties and "load_models" not in properties

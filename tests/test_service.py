@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from handler.envelopes import Envelope, Protocol
 from handler.request import GenerationRequest, OutputKind
 from handler.service import WanService
 from handler.video import probe_mp4
@@ -120,7 +121,7 @@ def test_validation_error_in_a_stream_is_a_plain_4xx(services):
 
 def test_enveloped_requests_refuse_mp4_and_stream(services):
     for extra in ({"output": "mp4"}, {"stream": True}):
-        reply = services["ti2v-5b"].handle({"prompt": "x", **extra}, "r", enveloped=True)
+        reply = services["ti2v-5b"].handle({"prompt": "x", **extra}, "r", envelope=Envelope(Protocol.KSERVE_V1))
         assert reply.status == 400, extra
 
 

@@ -61,7 +61,17 @@ from xml.etree import ElementTree
 import requests
 import yaml
 
-from scripts.serve import REPO_ROOT, ServerLayout, free_ports, isolated_layout, read_key, start, stop, without_outside
+from scripts.serve import (
+    REPO_ROOT,
+    ServerLayout,
+    free_ports,
+    isolated_layout,
+    local_session,
+    read_key,
+    start,
+    stop,
+    without_outside,
+)
 
 TINY_CONFIG = REPO_ROOT / "config" / "models" / "tiny-ti2v.yaml"
 # The sizes tests use: a whole generation in ~0.1 s on one CI core.
@@ -164,14 +174,6 @@ def deadline_config(path: Path) -> Path:
 
 
 # -- a server, its worker, its memory -------------------------------------------------------------
-
-
-def local_session() -> requests.Session:
-    """A session for the campaign's servers: straight to 127.0.0.1, never through a proxy (nor
-    any other setting) taken from the caller's environment."""
-    session = requests.Session()
-    session.trust_env = False
-    return session
 
 
 class Server:

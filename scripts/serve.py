@@ -182,10 +182,16 @@ def _auth(layout: ServerLayout, kind: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {read_key(layout.key_file, kind)}"} if layout.key_file.is_file() else {}
 
 
+def local_session() -> requests.Session:
+    """A session for our own local servers: straight to 127.0.0.1, never through a proxy (nor any
+    other setting) taken from the caller's environment."""
+    session = requests.Session()
+    session.trust_env = False
+    return session
+
+
 def _local_get(url: str, **kwargs) -> requests.Response:
-    """GET from the local server directly: never through a proxy of the caller's environment."""
-    with requests.Session() as session:
-        session.trust_env = False
+    with local_session() as session:
         return session.get(url, **kwargs)
 
 

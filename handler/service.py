@@ -132,10 +132,9 @@ class WanService:
         else:
             reply = self._lead(body, request_id, emit, envelope)
         # glibc keeps the pages a request freed (frames, decode buffers, the encoder's) in its
-        # arenas: without this the worker's RSS grew by ~0.3 MiB per request (+70 MiB over 240
-        # small ones, no Python object left behind) and held a big request's ~270 MiB until a
-        # later one reused it. Measured cost: 2 ms after a small request, 13 ms after one that
-        # freed 270 MiB (RELIABILITY.md).
+        # arenas: without this RSS grew by ~0.5 MiB per small request (no Python object left
+        # behind) and held a big request's ~300 MiB until a later one reused it. Cost: ~5 ms
+        # after a small request, ~30 ms after a big one (scripts/heap_trim.py, RELIABILITY.md).
         trim_host_heap()
         return reply
 

@@ -137,9 +137,9 @@ def test_load_overflow_is_a_fast_503_and_every_accepted_request_completes(servic
     assert result["rejected_503"] > 0  # the queue really overflowed
     assert result["accepted"] + result["rejected_503"] == result["sent"]
     assert result["latency_s"]["503"]["max"] < campaign.MAX_503_S
-    # Memory: with the C heap trimmed after each request, the worker's resting RSS moved by 1.5-1.7
-    # MiB over ~160 accepted requests (3 runs; without the trim: +33 to +105 MiB, glibc keeping
-    # freed pages). ~100-160 accepted requests may not grow it by more than 16 MiB: leaking any
+    # Memory: with the C heap trimmed after each request, RSS stays put (scripts/heap_trim.py:
+    # +0.1 MiB over 240 small requests with the trim, +122.2 MiB without, glibc keeping freed
+    # pages). ~100-160 accepted requests may not grow it by more than 16 MiB: leaking any
     # request-sized buffer (the float32 video is 1.7 MiB at this size) breaks that many times over.
     # The long campaign (make campaign) checks the same over several phases, and also that the
     # second half of them adds at most load_max_late_growth_mib: a leak keeps climbing.

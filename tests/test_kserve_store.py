@@ -18,6 +18,7 @@ from model_store.kserve_store import (
     CONFIG_FILE,
     MODEL_CONFIG_DIR,
     MODEL_NAME,
+    METRICS_CONFIG,
     MODEL_VERSION,
     TEMPLATE,
     VARIANTS,
@@ -52,7 +53,8 @@ def test_variant_store_layout_matches_what_the_runtime_reads(tmp_path, variant):
     assert store.config_file == tmp_path / variant / "config" / "config.properties"
     assert (store.model_store / "wan" / "MAR-INF" / "MANIFEST.json").is_file()
     assert (store.model_store / "wan" / "wan_handler.py").is_file()
-    assert (store.model_store / "wan" / "handler" / "service.py").is_file()
+    assert not (store.model_store / "wan" / "handler").exists()  # the image's package is the one copy
+    assert (store.root / "config" / "metrics.yaml").read_text() == METRICS_CONFIG.read_text()
     config = yaml.safe_load((store.model_dir / "model-config.yaml").read_text())
     # handler.model_path resolves inside the store once KServe mounts it at /mnt/models.
     assert config["handler"]["model_path"] == f"/mnt/models/weights/{variant}"
@@ -244,6 +246,7 @@ def _local_store(root: Path, weights: Path, model_config: Path) -> tuple[Path, d
         "metrics_address=http://0.0.0.0:8082": f"metrics_address=http://127.0.0.1:{metrics}",
         "grpc_inference_port=7070": f"grpc_inference_port={grpc_inference}",
         "grpc_management_port=7071": f"grpc_management_port={grpc_management}",
+        "metrics_config=/mnt/models/config/metrics.yaml": f"metrics_config={store.root / 'config' / 'metrics.yaml'}",
     }
     for old, new in replacements.items():
         assert text.count(old) == 1, old
@@ -303,7 +306,8 @@ def test_no_token_needed_as_for_kserves_probes(kserve):
     assert not kserve.key_file.exists()
     assert requests.get(f"{kserve.inference_url}/ping", timeout=10).json()["status"] == "Healthy"
     metrics = requests.get(f"{kserve.metrics_url}/metrics", timeout=10)
-    assert metrics.status_code == 200 and "# TYPE" in metrics.text
+    # The store's metrics.yaml is the one TorchServe read: the handler's metrics are declared.
+    assert metrics.status_code == 200 and "# TYPE wan_stage_seconds histogram" in metrics.text
 
 
 def test_the_server_writes_neither_its_working_directory_nor_the_store(kserve):

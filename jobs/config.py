@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from handler.config import RequestLimits, load_handler_config
+from handler.config import RequestLimits, load_request_rules
+from handler.errors import ConfigError
 from handler.variants import VARIANTS, GenerationDefaults, VariantSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -200,11 +201,12 @@ def _model(raw: Any, where: str, base: Path) -> ModelEntry:
             model_yaml = yaml.safe_load(path.read_text()) or {}
         except OSError as e:
             raise JobsConfigError(f"{where}.model_config: cannot read {path}: {e}") from None
-    # The handler's own reading of the model's config: the same limits and defaults it applies.
-    # model_path is irrelevant here (nothing is loaded); a placeholder satisfies the loader.
-    handler_section = dict(model_yaml.get("handler") or {})
-    handler_section.setdefault("model_path", "/nonexistent")
-    handler_config = load_handler_config({**model_yaml, "handler": handler_section}, base)
+    # The handler's own request rules from the model's config: the same limits and defaults it
+    # applies (read without torch, and the weights need not exist here).
+    try:
+        rules = load_request_rules(model_yaml)
+    except ConfigError as e:
+        raise JobsConfigError(f"{where}.model_config: {e}") from None
     endpoints = raw.get("endpoints")
     if not isinstance(endpoints, list) or not endpoints:
         raise JobsConfigError(f"{where}.endpoints must list at least one endpoint")
@@ -215,8 +217,8 @@ def _model(raw: Any, where: str, base: Path) -> ModelEntry:
         name=name,
         description=str(raw.get("description") or ""),
         spec=spec,
-        defaults=handler_config.defaults_for(spec.defaults),
-        limits=handler_config.limits,
+        defaults=rules.defaults_for(spec.defaults),
+        limits=rules.limits,
         endpoints=tuple(sorted(parsed, key=lambda e: e.priority)),
     )
 

@@ -271,6 +271,8 @@ def inspect_store(root: str | Path) -> KServeStore:
     if not config_file.is_file():
         raise StoreError(f"{root} is not a KServe model store: {CONFIG_FILE} is missing")
     snapshot = snapshot_of(read_properties(config_file.read_text(encoding="utf-8")))
+    if not (root / METRICS_FILE).is_file():  # config.properties names it: TorchServe would not start
+        raise StoreError(f"{root}: {METRICS_FILE} is missing (a store built before the metrics config; rebuild it)")
     models = snapshot["models"]
     if len(models) != 1:
         raise StoreError(f"{config_file}: expected exactly one model in model_snapshot, got {sorted(models)}")
@@ -307,8 +309,10 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def _upload_order(relative: PurePosixPath) -> tuple[int, str]:
-    # Weights first, the model folder next, the config last: a store whose config is present is
-    # complete as far as the runtime can tell.
+    # Weights first, the model folder next, config.properties last (after the metrics.yaml it
+    # names): a store whose config.properties is present is complete as far as the runtime can tell.
+    if relative.as_posix() == CONFIG_FILE:
+        return (3, "")
     top = relative.parts[0]
     return ({"config": 2, MODEL_STORE_DIR: 1}.get(top, 0), relative.as_posix())
 

@@ -60,6 +60,9 @@ def test_variant_store_layout_matches_what_the_runtime_reads(tmp_path, variant):
     assert config["handler"]["model_path"] == f"/mnt/models/weights/{variant}"
     assert store.weights_dir == store.root / "weights" / variant
     assert not [p for p in store.root.rglob("*") if p.suffix in WEIGHT_SUFFIXES]
+    (store.root / "config" / "metrics.yaml").unlink()  # config.properties names it
+    with pytest.raises(StoreError, match="config/metrics.yaml is missing"):
+        inspect_store(store.root)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -194,8 +197,8 @@ def test_upload_puts_the_store_under_the_prefix(moto, tiny_store):
     assert {"tiny/config/config.properties", "tiny/model-store/wan/MAR-INF/MANIFEST.json",
             "tiny/model-store/wan/model-config.yaml", "tiny/weights/tiny-ti2v-5b/model_index.json"} <= expected
     assert not [k for k in expected if "__pycache__" in k or k.endswith(".pyc")]
-    # The config goes last: a store with its config present is complete.
-    assert "config/config.properties" in logged[-1]
+    # config.properties goes last (after the metrics.yaml it names): a store with it is complete.
+    assert "config/config.properties" in logged[-1] and "config/metrics.yaml" in logged[-2]
     body = client.get_object(Bucket="wan-models-upload", Key="tiny/config/config.properties")["Body"].read()
     assert body == (tiny_store.root / CONFIG_FILE).read_bytes()
     weights = client.get_object(Bucket="wan-models-upload", Key="tiny/weights/tiny-ti2v-5b/model_index.json")

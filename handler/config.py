@@ -46,10 +46,10 @@ class VideoEncoding:
 
     crf: int = 18
     preset: str = "veryfast"
-    # Same frames, same bytes: x264's macroblock-tree rate control (mbtree) gave different files
-    # for identical frames in about 3-20 % of encodes (PyAV 18's libx264, with or without asm,
-    # with threads=1 too); with mbtree=0 every encode was identical. It costs size, not time: at
-    # crf 18 the files are ~1.6-1.7x larger (scripts/benchmark.py's encode stage, BENCHMARKS.md).
+    # Same frames, same bytes: with x264's defaults (macroblock-tree rate control on) the same
+    # frames gave different files in about one encode of five (PyAV's libx264); with mbtree=0
+    # every encode was identical. Cost at crf 18: 1.6x the bytes and +34 % encode time on a
+    # 1280x704x121 video, ~1 s (BENCHMARKS.md, scripts/benchmark.py's encode stage).
     # Only x264's own ``key=value:...`` syntax; empty: x264's defaults (not reproducible).
     x264_params: str = "mbtree=0"
 

@@ -1,9 +1,9 @@
 """Same seed, same video: identical requests give byte-identical MP4s, on a freshly started server too.
 
-The cause of issue 16's "first answer differs": libx264's macroblock-tree rate control (mbtree)
-encoded identical frames differently in about 3-20 % of encodes (PyAV 18's libx264, threads=1 and
-asm=0 included); generation itself was always exact. handler.video.x264_params turns mbtree off
-(scripts/benchmark.py's encode stage measured the cost: benchmarks/results/cpu-x264-determinism.json).
+The cause of issue 16's "first answer differs": with its defaults (macroblock-tree rate control
+on) libx264 encoded identical frames differently in about one encode of five (9 of 40 in
+benchmarks/results/cpu-x264-determinism.json); generation itself was always exact.
+handler.video.x264_params turns mbtree off (the cost: BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -39,6 +39,8 @@ COPY constraints.txt setup.cfg pyproject.toml README.md ./
 COPY handler/ handler/
 COPY model_store/ model_store/
 COPY scripts/ scripts/
+# setup.cfg installs the job service too (its own process, jobs/; not started by this image).
+COPY jobs/ jobs/
 # Our package and everything else, under the same constraints as every install in the repo
 # (torch==2.13.0 is already satisfied by the CUDA build, so pip keeps it).
 RUN pip install -c constraints.txt . \

@@ -488,3 +488,31 @@ def test_torchserve_worker_keys_are_read_with_the_rest(tmp_path):
 def test_bad_x264_params_are_refused(params, tmp_path):
     with pytest.raises(ConfigError, match="x264_params"):
         load_handler_config({"handler": {"model_path": "/m", "video": {"x264_params": params}}}, tmp_path)
+
+
+def test_the_job_service_reads_the_handlers_rules_and_names_a_bad_model_config(tmp_path):
+    """jobs/config.py takes a model's limits and defaults from load_request_rules: the same as
+    the handler's, with no torch; a bad handler section names the job service's model entry."""
+    import subprocess
+    import sys
+
+    from handler.config import load_request_rules
+    from jobs.config import JobsConfigError, load_settings
+
+    jobs_yaml = Path("config/jobs.yaml").resolve()
+    [model] = load_settings(jobs_yaml, tmp_path, environ={}).models
+    rules = load_request_rules(yaml.safe_load(Path("config/models/tiny-ti2v.yaml").read_text()))
+    assert (model.limits, model.defaults) == (rules.limits, rules.defaults_for(TI2V_5B.defaults))
+
+    (tmp_path / "bad.yaml").write_text("handler:\n  defaults:\n    widht: 64\n")
+    raw = yaml.safe_load(jobs_yaml.read_text())
+    raw["models"][0]["model_config"] = str(tmp_path / "bad.yaml")
+    (tmp_path / "jobs.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(JobsConfigError, match=r"models\[0\]\.model_config: unknown key handler\.defaults\.widht"):
+        load_settings(tmp_path / "jobs.yaml", tmp_path, environ={})
+
+    code = ("import sys, jobs.config; jobs.config.load_settings(sys.argv[1], sys.argv[2], environ={}); "
+            "print(','.join(m for m in ('torch', 'diffusers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code, str(jobs_yaml), str(tmp_path)], capture_output=True,
+                            text=True, timeout=120, check=True)
+    assert result.stdout.strip() == ""

@@ -16,9 +16,9 @@ import yaml
 from handler.video import probe_mp4
 from model_store.kserve_store import (
     CONFIG_FILE,
+    METRICS_CONFIG,
     MODEL_CONFIG_DIR,
     MODEL_NAME,
-    METRICS_CONFIG,
     MODEL_VERSION,
     TEMPLATE,
     VARIANTS,

@@ -123,11 +123,11 @@ def test_generation_metrics_on_torchserves_metrics_port(torchserve):
                        ("gauge", "wan_code_info")):
         assert f"# TYPE {name} {kind}" in text
     for stage in ("text_encode", "denoise", "vae_decode", "video_encode"):
-        assert re.search(rf'^wan_stage_seconds_count\{{ModelName="wan",stage="{stage}",.*\}} [1-9]', text, re.M), stage
-    assert re.search(r'^wan_requests_total\{ModelName="wan",outcome="ok",status="200",.*\} [1-9]', text, re.M)
+        assert re.search(rf'^wan_stage_seconds_count\{{ModelName="wan",stage="{stage}",.*\}} [1-9]', text, re.MULTILINE), stage
+    assert re.search(r'^wan_requests_total\{ModelName="wan",outcome="ok",status="200",.*\} [1-9]', text, re.MULTILINE)
     assert re.search(r'^wan_requests_total\{ModelName="wan",outcome="invalid_request",status="400",.*\} [1-9]',
-                     text, re.M)
-    assert re.search(r'^wan_denoise_steps_per_second\{ModelName="wan",.*\} [0-9.]+', text, re.M)
+                     text, re.MULTILINE)
+    assert re.search(r'^wan_denoise_steps_per_second\{ModelName="wan",.*\} [0-9.]+', text, re.MULTILINE)
     version = code_version()
     assert re.search(rf'^wan_code_info\{{ModelName="wan",version="{re.escape(version.package)}",'
-                     rf'commit="{re.escape(version.commit or "unknown")}",.*\}} 1\.0', text, re.M)
+                     rf'commit="{re.escape(version.commit or "unknown")}",.*\}} 1\.0', text, re.MULTILINE)

@@ -349,8 +349,9 @@ def test_endpoints_private_first_failures_retried_4xx_not(tmp_path, jobs_torchse
     flaky_url = f"http://127.0.0.1:{flaky.server_address[1]}"
     config = jobs_config(
         jobs_torchserve,
-        # Queue full on the private endpoint: retried (same seed) on the public one.
-        burst=[{"name": "private", "url": flaky_url, "priority": 0, "key_file": None},
+        # Queue full on the private endpoint: it cools down, and the retry (same seed) goes to the
+        # public one.
+        burst=[{"name": "private", "url": flaky_url, "priority": 0, "key_file": None, "cooldown_s": 60},
                {"name": "public", "priority": 1}],
         # Nothing listens: connection refused, every attempt recorded, then failed with the reason.
         down=[{"name": "gone", "url": "http://127.0.0.1:9", "key_file": None}],

@@ -36,10 +36,12 @@ RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 COPY constraints.txt setup.cfg pyproject.toml README.md ./
 COPY handler/ handler/
 COPY model_store/ model_store/
-COPY scripts/ scripts/
 # Our package and everything else, under the same constraints as every install in the repo
-# (torch==2.13.0 is already satisfied by the CUDA build, so pip keeps it).
+# (torch==2.13.0 is already satisfied by the CUDA build, so pip keeps it). Only handler/ and
+# model_store/ are here: the operator CLIs, the manifest validator and the tests stay out of the
+# image, so the validator's console script (setup.cfg) goes too.
 RUN pip install -c constraints.txt . \
+    && rm /opt/venv/bin/wan-validate-manifests \
     && python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('${TORCH_VERSION}+cu') else 'torch was replaced: ' + torch.__version__)"
 
 # -- runtime --------------------------------------------------------------------------------------

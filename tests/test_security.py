@@ -1,7 +1,7 @@
 """Security defaults (README.md, "Security defaults"), each checked where it can fail:
 
 - checkov on the Dockerfile, the configs, kserve/, karmada/ and the predictor pods rendered from
-  each InferenceService (scripts/security_scan.py): no finding but the accepted ones, each with
+  each InferenceService (scripts/manifests/security.py): no finding but the accepted ones, each with
   its reason at the source;
 - the TorchServe configs: loopback-only addresses and token auth locally, management and gRPC
   inside the pod in KServe, model registration over the API off, no URL that could be fetched;
@@ -16,7 +16,7 @@ Elsewhere, not repeated here: the numeric non-root USER and HF_HUB_OFFLINE=1
 management API refused by a running server (tests/test_torchserve.py), no key file, no bytecode
 and nothing in the working directory or the store from a server with the KServe config
 (tests/test_kserve_store.py), no credentials in manifests and CPU/memory limits on every
-InferenceService (scripts/checks_kserve.py).
+InferenceService (scripts/manifests/kserve.py).
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ import pytest
 import yaml
 
 from model_store.kserve_store import read_properties
-from scripts import security_scan
-from scripts.validate_manifests import REPO_ROOT, load_manifests
-from tests.test_dockerfile import instructions, stages
+from scripts.manifests import REPO_ROOT, load_manifests
+from scripts.manifests import security as security_scan
+from tests.harness.dockerfile import image_env, instructions, stages
+from tests.harness.payloads import REMOTE_IMAGE_URLS
 
 KSERVE = REPO_ROOT / "kserve"
 RUNTIME_FILE = KSERVE / "clusterservingruntime-wan-torchserve.yaml"
@@ -390,11 +391,9 @@ def test_the_import_check_flags_what_it_forbids(source, flagged):
 
 
 def test_image_urls_are_refused_by_the_request_tests():
-    """The handler's other way to fetch, an image given as a URL, is tested in test_images.py."""
-    from tests import test_images
-
-    [mark] = [m for m in test_images.test_urls_are_never_fetched.pytestmark if m.name == "parametrize"]
-    schemes = {value.strip().split(":", 1)[0].lower() for value in mark.args[1]}
+    """The handler's other way to fetch, an image given as a URL, is tested in test_images.py
+    (test_urls_are_never_fetched, over these URLs)."""
+    schemes = {value.strip().split(":", 1)[0].lower() for value in REMOTE_IMAGE_URLS}
     assert {"http", "https", "ftp", "file", "s3"} <= schemes
 
 
@@ -402,14 +401,6 @@ def test_image_urls_are_refused_by_the_request_tests():
 
 SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.IGNORECASE)
 SECRET_VALUE = re.compile(r"(AKIA|ASIA)[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY|ghp_[0-9A-Za-z]{36}|hf_[0-9A-Za-z]{30,}")
-
-
-def _image_env() -> dict[str, str]:
-    env = {}
-    for keyword, rest in stages((REPO_ROOT / "Dockerfile").read_text())[-1]:
-        if keyword == "ENV":
-            env.update(dict(re.findall(r"(\w+)=(\S+)", rest)))
-    return env
 
 
 def test_the_image_carries_no_secrets():
@@ -424,7 +415,7 @@ def test_the_image_carries_no_secrets():
 
 
 def test_everything_the_image_writes_lands_on_a_writable_mount():
-    env = _image_env()
+    env = image_env()
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     writable = ["TMPDIR", "TEMP", "LOG_LOCATION", "METRICS_LOCATION", "XDG_CACHE_HOME", "HF_HOME",
                 "TORCHINDUCTOR_CACHE_DIR", "TRITON_HOME", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH"]

@@ -20,6 +20,8 @@ from scripts.manifests.kube import CLUSTER_SERVING_RUNTIME, INFERENCE_SERVICE
 
 KARMADA = REPO_ROOT / "karmada"
 KSERVE = REPO_ROOT / "kserve"
+# The job service's objects, which karmada/placement/jobs-service.yaml places.
+JOBS_DEPLOY = REPO_ROOT / "jobs" / "deploy"
 BROKEN = REPO_ROOT / "tests" / "manifests_broken_karmada"
 
 # The KServe objects our policies select, with the names fixed for both engineers: lets these tests
@@ -115,7 +117,7 @@ def identity(m: Manifest) -> tuple[str, str, str, str]:
 
 
 def good_world(standin: Path, crds: CrdSchemas) -> World:
-    manifests, load_problems = load_manifests([KARMADA, standin])
+    manifests, load_problems = load_manifests([KARMADA, JOBS_DEPLOY, standin])
     assert not load_problems
     return World(manifests, crds)
 
@@ -129,7 +131,7 @@ def test_karmada_checks_are_registered():
 
 
 def test_karmada_with_the_kserve_objects_passes(standin, crds):
-    manifests, load_problems = load_manifests([KARMADA, standin])
+    manifests, load_problems = load_manifests([KARMADA, JOBS_DEPLOY, standin])
     assert not load_problems
     assert [str(p) for p in run_checks(manifests, crds)] == []
     kinds = {m.kind for m in manifests if m.path.is_relative_to(KARMADA)}
@@ -138,12 +140,12 @@ def test_karmada_with_the_kserve_objects_passes(standin, crds):
 
 
 def test_the_repository_passes_the_whole_validator(crds):
-    """karmada/ with kserve/, every check of both (python -m scripts.manifests karmada kserve)."""
+    """karmada/ with kserve/ and jobs/deploy/, every check (python -m scripts.manifests)."""
     manifests, _ = load_manifests([KSERVE])
     have = {m.name for m in manifests if m.kind == "InferenceService"}
     # The stand-in above names these services: kserve/ must ship every one the policies place.
     assert {f"wan-{v}" for v in VARIANTS} <= have, f"kserve/ lacks InferenceServices (has {sorted(have)})"
-    assert [str(p) for p in validate([KARMADA, KSERVE], crds)] == []
+    assert [str(p) for p in validate([KARMADA, KSERVE, JOBS_DEPLOY], crds)] == []
 
 
 def test_karmada_alone_names_what_is_missing(crds):
@@ -219,7 +221,7 @@ def test_broken_manifests_fail_with_clear_messages(fixture, standin, crds):
     removes = {(api_version, kind, *ref.rpartition("/")[::2]) for api_version, kind, ref in
                re.findall(r"^# remove: (\S+) (\S+) (\S+)$", text, re.MULTILINE)}
     assert expects, f"{fixture.name} says nothing about what it must produce"
-    good, _ = load_manifests([KARMADA, standin])
+    good, _ = load_manifests([KARMADA, JOBS_DEPLOY, standin])
     broken, load_problems = load_manifests([fixture])
     assert not load_problems
     replaced = {identity(m) for m in broken} | removes
@@ -235,7 +237,7 @@ def test_broken_manifests_fail_with_clear_messages(fixture, standin, crds):
 
 
 def test_every_fixture_replaces_a_good_manifest_or_adds_one(standin):
-    good = {identity(m) for m in load_manifests([KARMADA, standin])[0]}
+    good = {identity(m) for m in load_manifests([KARMADA, JOBS_DEPLOY, standin])[0]}
     replacing = 0
     for fixture in broken_fixtures():
         docs = load_manifests([fixture])[0]
@@ -291,7 +293,7 @@ def test_cluster_selection_and_taints():
 
 
 def test_claims_follow_karmadas_precedence(standin, crds):
-    manifests, _ = load_manifests([KARMADA, standin])
+    manifests, _ = load_manifests([KARMADA, JOBS_DEPLOY, standin])
     by_name = Manifest(Path("x.yaml"), 0, {
         "apiVersion": "policy.karmada.io/v1alpha1", "kind": "PropagationPolicy",
         "metadata": {"name": "zz-by-name", "namespace": "wan"},

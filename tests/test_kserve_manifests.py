@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from model_store.kserve_store import VARIANTS, build_kserve_store, read_properties, variant_config_file
-from scripts.manifests import REPO_ROOT, Context, kserve, load_crds, load_manifests, validate
+from scripts.manifests import DEFAULT_PATHS, REPO_ROOT, Context, kserve, load_crds, load_manifests, validate
 from scripts.manifests.__main__ import main
 from scripts.manifests.kube import duration_s, quantity
 from scripts.manifests.torchserve import TORCHRUN_PARALLEL_TYPES
@@ -93,9 +93,9 @@ def test_the_command_line_reports_zero_problems(crds, capsys):
     assert ", 0 problems" in capsys.readouterr().err
 
 
-def test_kserve_and_karmada_together_pass(crds):
-    """What Karmada propagates is these objects: both folders, every registered check."""
-    problems = validate([KSERVE, REPO_ROOT / "karmada"], crds)
+def test_kserve_karmada_and_the_job_service_together_pass(crds):
+    """What Karmada propagates is these objects: every folder, every registered check."""
+    problems = validate(DEFAULT_PATHS, crds)
     assert problems == [], "\n".join(map(str, problems))
 
 

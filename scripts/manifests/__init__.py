@@ -3,15 +3,15 @@
 1. Schema: every document against the openAPIV3Schema of its served version in the upstream CRDs
    (``schemas``), or, for core kinds, against the Kubernetes OpenAPI schemas. Unknown fields are
    errors here (the API server would silently prune them, which is how typos ship).
-2. Cross-checks the schemas cannot express (``kserve``, ``karmada.checks``): timeouts against the
-   TorchServe config, GPU limits, references between objects, placement and overrides, ...
+2. Cross-checks the schemas cannot express (``kserve``, ``jobs``, ``karmada.checks``): timeouts
+   against the TorchServe config, the job service's wiring, GPU limits, references between objects, placement and overrides, ...
 
-    python -m scripts.manifests                  # kserve/ and karmada/
+    python -m scripts.manifests                  # kserve/, karmada/ and jobs/deploy/
     python -m scripts.manifests --crds DIR path  # specific files or folders
 
 Never reads the network. Layers, each importing only those before it:
 core <- schemas <- kube <- torchserve, karmada.{clusters, lua, world, overrides} <- context
-<- kserve, karmada.checks <- this registry and the CLI; security (checkov) <- core, kube.
+<- kserve, jobs, karmada.checks <- this registry and the CLI; security (checkov) <- core, kube.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from scripts.manifests import kserve
+from scripts.manifests import jobs, kserve
 from scripts.manifests.context import Check, Context
 from scripts.manifests.core import DEFAULT_PATHS, REPO_ROOT, Manifest, Problem, load_manifests
 from scripts.manifests.karmada import checks as karmada_checks
 from scripts.manifests.schemas import CrdSchemas, find_crd_dir, load_crds, missing_crds_help, validate_schemas
 
-CHECKS: tuple[Check, ...] = (*kserve.CHECKS, *karmada_checks.CHECKS)
+CHECKS: tuple[Check, ...] = (*kserve.CHECKS, *jobs.CHECKS, *karmada_checks.CHECKS)
 
 __all__ = ["CHECKS", "DEFAULT_PATHS", "REPO_ROOT", "Check", "Context", "CrdSchemas", "Manifest", "Problem",
            "find_crd_dir", "load_crds", "load_manifests", "missing_crds_help", "registered_checks", "validate",
@@ -36,7 +36,7 @@ def registered_checks(manifests: list[Manifest]) -> list[Check]:
     """The cross-checks that apply: Karmada's only when Karmada objects are among the manifests
     (``kserve/`` alone is what a cluster without Karmada applies: nothing needs placing there)."""
     karmada = any(m.group.endswith(".karmada.io") for m in manifests)
-    return [*kserve.CHECKS, *(karmada_checks.CHECKS if karmada else [])]
+    return [*kserve.CHECKS, *jobs.CHECKS, *(karmada_checks.CHECKS if karmada else [])]
 
 
 def validate_manifests(manifests: list[Manifest], crds: CrdSchemas,

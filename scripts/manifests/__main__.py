@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Validate Kubernetes manifests against the upstream CRDs and "
                                                  "the cross-checks of this repository, offline.")
     parser.add_argument("paths", nargs="*", default=[str(p) for p in DEFAULT_PATHS],
-                        help="manifest files or folders (default: kserve/ and karmada/)")
+                        help="manifest files or folders (default: kserve/, karmada/ and jobs/deploy/)")
     parser.add_argument("--crds", type=Path, metavar="DIR",
                         help="folder of the upstream CRD YAMLs (default: $WAN_CRD_DIR, else ../shared/crds)")
     args = parser.parse_args(argv)

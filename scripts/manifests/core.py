@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# What a platform engineer applies: the KServe layer and the Karmada layer.
-DEFAULT_PATHS = (REPO_ROOT / "kserve", REPO_ROOT / "karmada")
+# What a platform engineer applies: the KServe layer, the Karmada layer, the job service.
+DEFAULT_PATHS = (REPO_ROOT / "kserve", REPO_ROOT / "karmada", REPO_ROOT / "jobs" / "deploy")
 
 
 def shown_path(path: Path) -> str:

@@ -181,7 +181,7 @@ def unexplained(accepted: Iterable[Result]) -> list[Result]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", type=Path, default=list(DEFAULT_PATHS),
-                        help="manifest files or folders (default: kserve/ and karmada/)")
+                        help="manifest files or folders (default: kserve/, karmada/ and jobs/deploy/)")
     args = parser.parse_args(argv)
     try:
         result = scan(args.paths)

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +37,6 @@ class Server:
         self.layout = layout
         self.startup_s = startup_s
 
-    @cached_property
-    def session(self) -> requests.Session:
-        """Proxy-free, kept for the server's life (a streamed response outlives the call that opened it)."""
-        return local_session()
-
     @property
     def predictions_url(self) -> str:
         return f"{self.layout.inference_url}/predictions/{self.layout.model_name}"
@@ -54,14 +48,19 @@ class Server:
         return {"Authorization": f"Bearer {self.key(kind)}"}
 
     def post(self, body: Any = None, *, data: bytes | str | None = None, content_type: str | None = "application/json",
-             timeout: float = REQUEST_TIMEOUT_S, **kwargs) -> requests.Response:
-        """POST a JSON body (``body``) or raw ``data`` with the given content type (None: no header)."""
+             timeout: float = REQUEST_TIMEOUT_S, session: requests.Session | None = None, **kwargs) -> requests.Response:
+        """POST a JSON body (``body``) or raw ``data`` with the given content type (None: no header),
+        through ``session`` (a load client's own) or a proxy-free one of its own."""
         headers = self.headers()
         if body is not None:
             data = json.dumps(body)
         if content_type is not None and data is not None:
             headers["Content-Type"] = content_type
-        return self.session.post(self.predictions_url, data=data, headers=headers, timeout=timeout, **kwargs)
+        if session is not None:
+            return session.post(self.predictions_url, data=data, headers=headers, timeout=timeout, **kwargs)
+        # A session per call, as requests.post does (thread-safe; a streamed response outlives it).
+        with local_session() as own:
+            return own.post(self.predictions_url, data=data, headers=headers, timeout=timeout, **kwargs)
 
     def predict(self, body: Any, **kwargs) -> requests.Response:
         """A JSON object, or bytes / text sent as they are with a JSON content type."""
@@ -70,8 +69,9 @@ class Server:
         return self.post(body, **kwargs)
 
     def describe(self) -> dict[str, Any]:
-        response = self.session.get(f"{self.layout.management_url}/models/{self.layout.model_name}",
-                                    headers=self.headers("management"), timeout=10)
+        with local_session() as session:
+            response = session.get(f"{self.layout.management_url}/models/{self.layout.model_name}",
+                                   headers=self.headers("management"), timeout=10)
         response.raise_for_status()
         return response.json()[0]
 
@@ -105,10 +105,6 @@ class Server:
         except (OSError, ValueError):
             return None
 
-    def close(self) -> None:
-        self.session.close()
-
-
 def start_server(root: Path, weights_dir: Path, extra_env: dict[str, str] | None = None,
                  model_config: Path | None = None) -> Server:
     """Same settings as make serve (or ``model_config``), on free ports so tests never collide with
@@ -119,7 +115,6 @@ def start_server(root: Path, weights_dir: Path, extra_env: dict[str, str] | None
 
 
 def stop_server(server: Server) -> None:
-    server.close()
     stop(server.layout)
 
 
@@ -132,7 +127,6 @@ def running(root: Path, config: Path, weights_dir: Path, extra_env: dict[str, st
         server.startup_s = start(layout, timeout_s=START_TIMEOUT_S, extra_env=extra_env, isolated=True)
         yield server
     finally:
-        server.close()
         stop(layout)
 
 

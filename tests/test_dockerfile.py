@@ -1,6 +1,6 @@
-"""The serving image, checked statically (no Docker engine here): hadolint, what the build copies
-(present in the repo, let through by .dockerignore), and that the image agrees with the repo's
-pins, the KServe config and the runtime manifest."""
+"""The serving image and the job service's (the `jobs` target), checked statically (no Docker
+engine here): hadolint, what the build copies (present in the repo, let through by .dockerignore),
+and that each image agrees with the repo's pins, the KServe config and the manifests that run it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from model_store.kserve_store import read_properties
+from scripts.manifests.jobs import IMAGE_CONFIG_DIR
 from tests.harness.dockerfile import copy_sources, instructions, stages
 
 REPO = Path(__file__).resolve().parent.parent
@@ -210,3 +211,54 @@ def test_no_weights_or_model_downloads_in_the_image():
     text = DOCKERFILE.read_text()
     for word in ("huggingface-cli", "hf_hub_download", "snapshot_download", "weights/", "wget ", "curl "):
         assert word not in "\n".join(rest for _, rest in instructions(text)), word
+
+
+# -- the job service's image (the `jobs` target) ------------------------------------------
+
+
+def _jobs_stage() -> list[tuple[str, str]]:
+    [stage] = [s for s in stages(DOCKERFILE.read_text()) if re.search(r"\bAS jobs$", s[0][1], re.IGNORECASE)]
+    return stage
+
+
+def _jobs_workloads() -> list[dict]:
+    docs = [d for path in sorted((REPO / "jobs/deploy").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text())]
+    return [d for d in docs if d and d["kind"] in ("Deployment", "Job")]
+
+
+def test_the_jobs_image_has_no_torch_and_carries_the_model_configs():
+    stage = _jobs_stage()
+    copied = {copy_sources(rest)[0][0]: rest.split()[-1] for keyword, rest in stage if keyword == "COPY"}
+    # The request rules it shares (handler/) and itself; never the model store tooling or the tests.
+    assert {"handler/", "jobs/", "config/models/"} <= set(copied) and "model_store/" not in copied
+    run = " ".join(rest for keyword, rest in stage if keyword == "RUN")
+    assert "pip install --no-cache-dir --no-deps ." in run, "our package without torch, TorchServe, diffusers"
+    assert "['jobs']" in run and "find_spec('torch')" in run, "the jobs extra from setup.cfg, and torch refused"
+    # Where the cluster's jobs.yaml says the model configs are (scripts/manifests/jobs.py).
+    assert copied["config/models/"].rstrip("/") == f"{IMAGE_CONFIG_DIR}/models"
+    rules = dockerignore_rules(DOCKERIGNORE.read_text())
+    assert not is_excluded("jobs/migrations/0002_jobs.sql", rules) and not is_excluded("config/models/ti2v-5b.yaml",
+                                                                                       rules)
+    assert is_excluded("jobs/deploy/database.yaml", rules), "the manifests stay out of the image"
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    assert "migrations/*.sql" in setup["options.package_data"]["jobs"], "the migrations ship in the package"
+
+
+def test_the_jobs_image_runs_as_its_manifests_expect():
+    stage = _jobs_stage()
+    [user] = [rest for keyword, rest in stage if keyword == "USER"]
+    exposed = {int(p) for keyword, rest in stage if keyword == "EXPOSE" for p in rest.split()}
+    [entrypoint] = [json.loads(rest) for keyword, rest in stage if keyword == "ENTRYPOINT"]
+    [cmd] = [json.loads(rest) for keyword, rest in stage if keyword == "CMD"]
+    ports = set()
+    for workload in _jobs_workloads():
+        pod = workload["spec"]["template"]["spec"]
+        assert f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}" == user
+        for container in pod["containers"]:
+            assert container["image"].startswith("registry.wan.internal/wan/wan-jobs:")
+            assert container["command"][:3] == entrypoint
+            ports |= {p["containerPort"] for p in container.get("ports", [])}
+            if container["command"][3] == "serve":
+                assert container["command"] == entrypoint + cmd, "the image's default is the API as deployed"
+    assert exposed == ports == {8000, 9100}

@@ -36,7 +36,7 @@ import yaml
 
 from scripts.manifests.context import Context
 from scripts.manifests.core import Manifest, Problem, of_kind
-from scripts.manifests.kube import INFERENCE_SERVICE, as_int, pod_template
+from scripts.manifests.kube import INFERENCE_SERVICE, as_int, pod_specs
 
 CNPG_CLUSTER = ("postgresql.cnpg.io/v1", "Cluster")
 SCALED_OBJECT = ("keda.sh/v1alpha1", "ScaledObject")
@@ -76,16 +76,11 @@ def _option(args: list[str], name: str) -> str | None:
 
 def _containers(manifests: list[Manifest]):
     """(workload, path of its pod spec, pod spec, container index, container) of every workload."""
-    for workload in manifests:
-        found = pod_template(workload)
-        if found is None:
-            continue
-        base, template = found
-        pod = template.get("spec") or {}
+    for workload, pod_path, pod in pod_specs(manifests):
         for kind in ("initContainers", "containers"):
             for index, container in enumerate(pod.get(kind) or []):
                 if isinstance(container, dict):
-                    yield workload, f"{base}/spec", pod, f"{kind}/{index}", container
+                    yield workload, pod_path, pod, f"{kind}/{index}", container
 
 
 def api_routes(repo_root: Path) -> set[str] | None:

@@ -60,6 +60,7 @@ from scripts.manifests.kube import (
     env_values,
     find_runtime,
     named_container,
+    pod_specs,
     pod_template,
     quantity,
     render_predictor_pod,
@@ -625,22 +626,17 @@ def check_plain_workloads(context: Context) -> list[Problem]:
     inference, management = ts.port("inference_address"), ts.port("management_address")
     problems = []
     claims = {(m.namespace, m.name) for m in of_kind(manifests, "PersistentVolumeClaim")}
-    for workload in manifests:
-        found = pod_template(workload)
-        if found is None:
-            continue
-        base, template = found
-        pod = template.get("spec") or {}
+    for workload, pod_path, pod in pod_specs(manifests):
         for i, volume in enumerate(pod.get("volumes") or []):
             claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
             if claim and (workload.namespace, claim) not in claims:
-                problems.append(Problem(workload, f"{base}/spec/volumes/{i}",
+                problems.append(Problem(workload, f"{pod_path}/volumes/{i}",
                                         f"PersistentVolumeClaim {claim!r} is not declared in namespace "
                                         f"{workload.namespace}"))
         for index, container in enumerate(pod.get("containers") or []):
             if not _runs_torchserve(container):
                 continue
-            where = f"{base}/spec/containers/{index}"
+            where = f"{pod_path}/containers/{index}"
             ports = {p.get("name"): p.get("containerPort") for p in container.get("ports") or [] if p.get("name")}
             if inference not in [p.get("containerPort") for p in container.get("ports") or []]:
                 problems.append(Problem(workload, f"{where}/ports",
@@ -655,7 +651,7 @@ def check_plain_workloads(context: Context) -> list[Problem]:
                 problems.append(Problem(workload, f"{where}/resources/limits",
                                         f"no {GPU_RESOURCE} limit: the model would not load (deviceType gpu)"))
             if str((pod.get("nodeSelector") or {}).get(GPU_NODE_LABEL)) != "true":
-                problems.append(Problem(workload, f"{base}/spec/nodeSelector",
+                problems.append(Problem(workload, f"{pod_path}/nodeSelector",
                                         f"nodeSelector must require {GPU_NODE_LABEL}: \"true\" (GPU nodes)"))
             if not any(m.get("mountPath") == str(MOUNT_PATH) for m in container.get("volumeMounts") or []):
                 problems.append(Problem(workload, f"{where}/volumeMounts",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from typing import Any
 
@@ -257,3 +257,12 @@ def pod_template(manifest: Manifest) -> tuple[str, dict[str, Any]] | None:
     if manifest.kind == "Job" and manifest.group == "batch":
         return "/spec/template", manifest.get("spec", "template", default={}) or {}
     return None
+
+
+def pod_specs(manifests: list[Manifest]) -> Iterator[tuple[Manifest, str, dict[str, Any]]]:
+    """(workload, path of its pod spec, pod spec) of every workload among ``manifests``."""
+    for workload in manifests:
+        found = pod_template(workload)
+        if found is not None:
+            base, template = found
+            yield workload, f"{base}/spec", template.get("spec") or {}

@@ -1,6 +1,6 @@
 """Security defaults (README.md, "Security defaults"), each checked where it can fail:
 
-- checkov on the Dockerfile, the configs, kserve/, karmada/ and the predictor pods rendered from
+- checkov on the Dockerfile, the configs, kserve/, karmada/, jobs/deploy/ and the predictor pods rendered from
   each InferenceService (scripts/manifests/security.py): no finding but the accepted ones, each with
   its reason at the source;
 - the TorchServe configs: loopback-only addresses and token auth locally, management and gRPC
@@ -48,10 +48,18 @@ ISVC_FILES = ["kserve/inferenceservice-ti2v-5b.yaml", "kserve/inferenceservice-t
 # Every finding checkov may report, by file, with the reason accepted at its source. Anything else
 # fails the suite; a new acceptance is a deliberate change here and a reason there.
 PREDICTOR_POD_ACCEPTED = {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_40", "CKV2_K8S_6"}
+# The job service's workloads (jobs/deploy/): a release tag, IfNotPresent, and the database URL
+# from CloudNativePG's Secret as an env var (the job service reads JOBS_DATABASE_URL); the worker
+# also has no probes (it serves nothing, and an HTTP probe would only reach its metrics thread).
+JOBS_ACCEPTED = {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_35"}
+JOBS_WORKLOADS = {"jobs/deploy/deployment-api.yaml": JOBS_ACCEPTED,
+                  "jobs/deploy/deployment-worker.yaml": JOBS_ACCEPTED | {"CKV_K8S_8", "CKV_K8S_9"},
+                  "jobs/deploy/job-migrate.yaml": JOBS_ACCEPTED}
 ACCEPTED = {
     "Dockerfile": {"CKV_DOCKER_7"},
     "kserve/plain/deployment-ti2v-5b.yaml": {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_40"},
     **{f"rendered:{f}": PREDICTOR_POD_ACCEPTED for f in ISVC_FILES},
+    **JOBS_WORKLOADS,
 }
 # What the manifests fixed rather than accepted: checkov must have seen each pass on every workload.
 HARDENING = {
@@ -69,7 +77,10 @@ HARDENING = {
     "CKV_K8S_9": "readiness probe",
     "CKV_K8S_14": "image tag",
 }
-WORKLOADS = {"kserve/plain/deployment-ti2v-5b.yaml", *(f"rendered:{f}" for f in ISVC_FILES)}
+WORKLOADS = {"kserve/plain/deployment-ti2v-5b.yaml", *(f"rendered:{f}" for f in ISVC_FILES), *JOBS_WORKLOADS}
+# Hardening that does not apply: a Job runs to completion (nothing to probe), the worker serves nothing.
+NOT_APPLICABLE = {"jobs/deploy/deployment-worker.yaml": {"CKV_K8S_8", "CKV_K8S_9"},
+                  "jobs/deploy/job-migrate.yaml": {"CKV_K8S_8", "CKV_K8S_9"}}
 
 
 def _docs(path: Path) -> list[dict]:
@@ -113,8 +124,9 @@ def test_every_accepted_finding_is_expected_and_explained_at_its_source(scan):
     [runtime] = _docs(RUNTIME_FILE)
     [deployment] = _docs(PLAIN_DEPLOYMENT)
     plain = ACCEPTED[str(PLAIN_DEPLOYMENT.relative_to(REPO_ROOT))]
+    jobs = [(_docs(REPO_ROOT / f)[0]["metadata"]["annotations"], ids) for f, ids in JOBS_WORKLOADS.items()]
     for where, expected in ((runtime["spec"]["annotations"], PREDICTOR_POD_ACCEPTED),
-                            (deployment["metadata"]["annotations"], plain)):
+                            (deployment["metadata"]["annotations"], plain), *jobs):
         skips = {k: v for k, v in where.items() if k.startswith("checkov.io/skip")}
         # checkov splits the value at "=": one, between the id and the reason.
         assert all(v.count("=") == 1 for v in skips.values()), skips
@@ -126,11 +138,13 @@ def test_checkov_saw_the_hardening_on_every_workload(scan):
     for result in scan.passed:
         passed.setdefault(result.file, set()).add(result.check_id)
     for workload in WORKLOADS:
-        missing = {f"{c} ({why})" for c, why in HARDENING.items() if c not in passed.get(workload, set())}
+        missing = {f"{c} ({why})" for c, why in HARDENING.items()
+                   if c not in passed.get(workload, set()) | NOT_APPLICABLE.get(workload, set())}
         assert not missing, f"{workload}: checkov did not pass {sorted(missing)}"
     # The Dockerfile's checks ran too (HEALTHCHECK, a USER that is not root, ...).
     assert {"CKV_DOCKER_2", "CKV_DOCKER_3", "CKV_DOCKER_8"} <= passed["Dockerfile"]
-    assert {"CKV2_K8S_6"} <= passed["kserve/plain/deployment-ti2v-5b.yaml"]  # its NetworkPolicy
+    for workload in ("kserve/plain/deployment-ti2v-5b.yaml", *JOBS_WORKLOADS):
+        assert {"CKV2_K8S_6"} <= passed[workload], workload  # its NetworkPolicy
 
 
 def test_checkov_checks_no_custom_resource_hence_the_rendered_pods(scan):

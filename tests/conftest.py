@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from model_store.tiny_model import LAYOUTS, build_tiny_checkpoint
+from tests.harness.jobs import JobService, Postgres, jobs_config
 from tests.harness.payloads import SMALL
 from tests.harness.servers import MotoServer, start_server, stop_server
 
@@ -72,5 +73,31 @@ def moto(tmp_path_factory):
     server.stop()
 
 
-# The job service's fixtures (a live API + worker over pgserver and a TorchServe of their own).
-from tests.jobs_support import jobs_postgres, jobs_service, jobs_torchserve  # noqa: E402,F401
+# -- the job service: a live API + worker over pgserver, in front of a TorchServe of its own ------
+
+
+@pytest.fixture(scope="session")
+def jobs_torchserve(tmp_path_factory, server_weights):
+    """A TorchServe of the job tests' own, so that their long and cancelled jobs never slow or
+    skew another test's server."""
+    server = start_server(tmp_path_factory.mktemp("jobs-torchserve"), server_weights)
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def jobs_postgres(tmp_path_factory):
+    database = Postgres(tmp_path_factory.mktemp("jobs-pg") / "data")
+    database.start()
+    yield database
+    database.stop()
+
+
+@pytest.fixture(scope="session")
+def jobs_service(tmp_path_factory, jobs_torchserve, jobs_postgres):
+    """The live job service (API + worker in one process) on the tiny model."""
+    root = tmp_path_factory.mktemp("jobs")
+    service = JobService(root, jobs_postgres, jobs_config(jobs_torchserve), env={"JOBS_MAX_ACTIVE_PER_USER": "3"})
+    service.start()
+    yield service
+    service.stop()

@@ -105,6 +105,7 @@ class Server:
         except (OSError, ValueError):
             return None
 
+
 def start_server(root: Path, weights_dir: Path, extra_env: dict[str, str] | None = None,
                  model_config: Path | None = None) -> Server:
     """Same settings as make serve (or ``model_config``), on free ports so tests never collide with

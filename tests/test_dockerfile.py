@@ -262,3 +262,12 @@ def test_the_jobs_image_runs_as_its_manifests_expect():
             if container["command"][3] == "serve":
                 assert container["command"] == entrypoint + cmd, "the image's default is the API as deployed"
     assert exposed == ports == {8000, 9100}
+
+
+def test_the_job_service_runs_without_torch():
+    """The jobs image has no torch: every module its commands load must import without it."""
+    code = ("import sys; sys.modules.update(torch=None, diffusers=None, transformers=None); "
+            "import jobs.__main__, jobs.app, jobs.worker, jobs.db, jobs.local")
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
-from tests.jobs_support import SLOW_JOB, TINY_JOB, JobService, Postgres, jobs_config, sse_events, wait_for
+from tests.harness.jobs import SLOW_JOB, TINY_JOB, JobService, Postgres, jobs_config, sse_events, wait_for
 
 
 def png_bytes(width=96, height=64, color=(20, 160, 60)) -> bytes:

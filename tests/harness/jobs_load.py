@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import httpx
 import psycopg
 
-from tests.jobs_support import TINY_JOB, JobService, Postgres, jobs_config, wait_for
+from tests.harness.jobs import TINY_JOB, JobService, Postgres, jobs_config, wait_for
 
 FINISHED = ("completed", "failed", "cancelled")
 

@@ -21,6 +21,7 @@ HTTP exchange would share one status (a failure would lose the finished ones).
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,3 +145,27 @@ def _only(items: Any, field: str, shape: str) -> Any:
         raise InvalidRequest(f"send one request per call (got {len(items)} in {field}): each is a video "
                              "that takes minutes, and several would share one status", field)
     return items[0]
+
+
+def answer_element(body: Any) -> bytes:
+    """An answer as one BYTES element of the Open Inference Protocol: the MP4's bytes, or the
+    text of the JSON answer (an NDJSON line without its newline)."""
+    if isinstance(body, (bytes, bytearray)):
+        return bytes(body)
+    if isinstance(body, str):
+        return body.strip().encode("utf-8")
+    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+def error_message(body: Any) -> str:
+    """The message of an error answer (``{"error": {"message": ...}}``, decoded or as JSON
+    text), as the protocol's ``{"error": "<message>"}`` carries it."""
+    if isinstance(body, (bytes, bytearray, str)):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            return str(body)[:1000]
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    return json.dumps(body)[:1000]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,8 @@ class WanStreamModel:
     """``wan_stream``: the service, answering each request through its response sender."""
 
     def initialize(self, args: dict[str, str]) -> None:
+        # The stub's stderr is the server's log: the handler's lines (a cancellation, a failure) go there.
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         model_dir = Path(args["model_repository"])
         model_yaml = yaml.safe_load((model_dir / MODEL_CONFIG_FILE).read_text()) or {}
         gpu_id = args.get("model_instance_device_id") if args.get("model_instance_kind") == "GPU" else None
@@ -93,12 +96,11 @@ class WanStreamModel:
         # Decoupled: every answer leaves through the request's sender, nothing is returned.
         for request in requests:
             self._answer(request)
-        return None
 
     def _answer(self, request) -> None:
         sender = request.get_response_sender()
         forwarded = json.loads(request.parameters() or "{}").get(FORWARDED, False)
-        request_id = request.request_id() or f"triton-{id(request):x}"
+        request_id = request.request_id() or uuid.uuid4().hex
 
         def emit(line: str) -> None:
             sender.send(_response(line.strip().encode("utf-8"), self.output_shape))

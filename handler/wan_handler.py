@@ -14,7 +14,7 @@ from typing import Any
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.envelopes import PLAIN, Envelope, unwrap
+from handler.envelopes import BINARY_HEADER, PLAIN, Envelope, unwrap
 from handler.errors import InvalidRequest, WanError
 from handler.service import NDJSON_CONTENT_TYPE, Reply, WanService
 
@@ -43,12 +43,13 @@ class WanVideoHandler(BaseHandler):
         for index, row in enumerate(data):
             request_id = context.get_request_id(index) or f"req-{index}"
             envelope, reply = self._answer(row, request_id, context, index)
+            wrapped = envelope.wrap(reply.body, reply.status, self.service.model.get("name", ""),
+                                    self.service.model.get("version", ""), request_id)
             context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, index)
-            context.set_response_content_type(index, reply.content_type)
-            for name, value in reply.headers.items():
+            context.set_response_content_type(index, wrapped.content_type or reply.content_type)
+            for name, value in {**reply.headers, **wrapped.headers}.items():
                 context.set_response_header(index, name, value)
-            replies.append(envelope.wrap(reply.body, self.service.model.get("name", ""),
-                                         self.service.model.get("version", ""), request_id))
+            replies.append(wrapped.body)
         return replies
 
     def _answer(self, row: Any, request_id: str, context, index: int) -> tuple[Envelope, Reply]:
@@ -62,7 +63,7 @@ class WanVideoHandler(BaseHandler):
             return PLAIN, _refusal(InvalidRequest(
                 "explanations are not served for video generation: use :predict or /predictions"))
         envelope, body = unwrap(row.get("body") if row.get("body") is not None else row.get("data"),
-                                self.service.config.limits)
+                                self.service.config.limits, _header(context, index, BINARY_HEADER))
         if isinstance(body, WanError):
             return envelope, _refusal(body)
         return envelope, self.service.handle(body, request_id, self._emitter(context, index), envelope)
@@ -77,6 +78,13 @@ class WanVideoHandler(BaseHandler):
             )
 
         return emit
+
+
+def _header(context, index: int, name: str) -> str | None:
+    """A request header by name, whatever its case (HTTP names are case-insensitive)."""
+    properties = context.request_processor[index].get_request_properties() if context.request_processor else {}
+    wanted = name.lower()
+    return next((str(value) for key, value in (properties or {}).items() if key.lower() == wanted), None)
 
 
 def _refusal(error: WanError) -> Reply:

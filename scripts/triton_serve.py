@@ -12,6 +12,7 @@ service). Files go to ``.run/triton/``: the model repository, the log and the pi
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -214,3 +215,32 @@ def report(layout: TritonLayout) -> None:
         f"  metrics:  http://127.0.0.1:{layout.metrics_port}/metrics\n"
         f"  log:      {layout.log_file}"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("start", "stop", "status", "build", "link-venv"))
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for ready")
+    parser.add_argument("--venv", type=Path, default=TRITON_VENV, help="the Triton venv (link-venv)")
+    args = parser.parse_args(argv)
+    layout = TritonLayout(venv=args.venv)
+    if args.action == "start":
+        start(layout, args.timeout)
+    elif args.action == "stop":
+        stop(layout)
+    elif args.action == "build":
+        print(ensure_repository(layout))
+    elif args.action == "link-venv":
+        link_project_venv(args.venv)
+    else:
+        from handler.triton_health import check
+
+        problem = check(layout.http_url) if running_pid(layout) is not None else "not running"
+        print(problem or "running")
+        if problem is None:
+            report(layout)
+        raise SystemExit(0 if problem is None else 1)
+
+
+if __name__ == "__main__":
+    main()

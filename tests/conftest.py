@@ -42,6 +42,43 @@ def services(tiny_checkpoints):
     }
 
 
+# Requests every data plane refuses with a 400 naming the field (the TorchServe and Triton tests).
+BAD_REQUESTS = [
+    ({}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": 42}, "prompt"),
+    ({"prompt": "x" * 5000}, "prompt"),
+    ({"prompt": "cat " * 600}, "prompt"),
+    ({"prompt": "x", "promt": "typo"}, "promt"),
+    ({"prompt": "x", "width": 100, "height": 64}, "width"),
+    ({"prompt": "x", "width": 64}, "height"),
+    ({"prompt": "x", "width": "64", "height": 64}, "width"),
+    ({"prompt": "x", "width": 64000, "height": 64}, "width"),
+    ({"prompt": "x", "num_frames": 10}, "num_frames"),
+    ({"prompt": "x", "num_frames": -3}, "num_frames"),
+    ({"prompt": "x", "num_frames": 10**12}, "num_frames"),
+    ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
+    ({"prompt": "x", "num_inference_steps": 1.5}, "num_inference_steps"),
+    ({"prompt": "x", "fps": True}, "fps"),
+    ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
+    ({"prompt": "x", "guidance_scale": 1e308}, "guidance_scale"),
+    ({"prompt": "x", "guidance_scale_2": 3.0}, "guidance_scale_2"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "seed": "abc"}, "seed"),
+    ({"prompt": "x", "output": "gif"}, "output"),
+    ({"prompt": "x", "output": "url"}, "output"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "stream": True, "output": "mp4"}, "output"),
+    ({"prompt": "x", "image": "not base64!!"}, "image"),
+    ({"prompt": "x", "image": base64.b64encode(b"just some text, not an image").decode()}, "image"),
+    ({"prompt": "x", "image": "https://example.com/cat.png"}, "image"),
+    ({"prompt": "x", "image": "data:text/plain;base64,aGVsbG8="}, "image"),
+    ({"prompt": "x", "image": 7}, "image"),
+]
+RAW_BAD_BODIES = [b"not json", b"[1, 2, 3]", b'{"prompt": "x", "guidance_scale": NaN}', b"\xff\xfe", b'"just a string"']
+
+
 def png_base64(width: int = 96, height: int = 64, color=(200, 30, 30), data_url: bool = False) -> str:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buffer, "PNG")
@@ -102,6 +139,29 @@ def torchserve(tmp_path_factory, server_weights):
     server = start_server(tmp_path_factory.mktemp("torchserve"), server_weights)
     yield server
     stop(server.layout)
+
+
+def start_triton(root: Path, weights_dir: Path, max_batch_size: int | None = None):
+    """A real tritonserver (the nvidia-pytriton wheel's, from .venv-triton) serving the tiny model
+    as make serve-triton does, on free ports; returns its TritonLayout."""
+    from scripts.triton_serve import TritonLayout
+    from scripts.triton_serve import start as start_triton_server
+
+    http, grpc, metrics = free_ports(3)
+    layout = TritonLayout(run_dir=root, weights=weights_dir / "tiny-ti2v-5b", http_port=http, grpc_port=grpc,
+                          metrics_port=metrics, max_batch_size=max_batch_size)
+    start_triton_server(layout, timeout_s=240)
+    return layout
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory, server_weights):
+    """One Triton server for the session, with the shipped (unbatched) configuration."""
+    from scripts.triton_serve import stop as stop_triton
+
+    layout = start_triton(tmp_path_factory.mktemp("triton"), server_weights)
+    yield layout
+    stop_triton(layout)
 
 
 @pytest.fixture(autouse=True, scope="session")

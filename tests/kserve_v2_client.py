@@ -4,7 +4,7 @@ Run by the tests in ``.venv-triton`` (kserve is installed there: its protobuf de
 with tritonclient's in one process). Reads one JSON job on stdin: ``{"base_url", "model",
 "request": <the Wan request>, "binary": bool, "headers": {...}}``; prints one JSON line,
 ``{"status": 200, "answer": <the answer's JSON>}`` or ``{"status": <HTTP status>, "error": "<what
-the client's exception says>"}``.
+the client's exception says>", "body": "<the answer it carries>", "content_type": ...}``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ async def call(job: dict) -> dict:
         result = await client.infer(job["base_url"], InferRequest(job["model"], [tensor]), model_name=job["model"],
                                     headers=job.get("headers") or None)
     except httpx.HTTPStatusError as error:
-        return {"status": error.response.status_code, "error": str(error)}
+        # What the client shows (its message holds the server's "error" only for a JSON content
+        # type) and the answer its exception carries.
+        return {"status": error.response.status_code, "error": str(error), "body": error.response.text,
+                "content_type": error.response.headers.get("content-type")}
     finally:
         await client.close()
     [output] = result.outputs

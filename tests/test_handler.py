@@ -98,7 +98,9 @@ def _v2(request, **extra):
 def test_kserve_v2_body_is_answered_in_the_open_inference_protocol(handler_and_context):
     handler, context = handler_and_context
     _prepare(context)
-    [reply] = handler.handle([{"data": json.dumps(_v2({"prompt": "a cat", "seed": 4})).encode()}], context)
+    # model_name: KServe's own client sends it in the body.
+    body = dict(_v2({"prompt": "a cat", "seed": 4}), model_name="wan")
+    [reply] = handler.handle([{"data": json.dumps(body).encode()}], context)
     assert context.get_response_status(0)[0] == 200
     assert (reply["id"], reply["model_name"]) == ("call-7", "wan")
     [output] = reply["outputs"]
@@ -119,6 +121,7 @@ def test_kserve_v2_body_is_answered_in_the_open_inference_protocol(handler_and_c
     (_v2({"prompt": "a"}, name=""), "inputs", "name"),
     (_v2({"prompt": "a"}, data=["{}", "{}"]), "inputs", "got 2"),
     (dict(_v2({"prompt": "a"}), id=5), "id", "string"),
+    (dict(_v2({"prompt": "a"}), model_name=["wan"]), "model_name", "string"),
     (dict(_v2({"prompt": "a"}), parameters={"x": 1}), "parameters", "unknown field"),
     (dict(_v2({"prompt": "a"}), parameters={"binary_data_output": 1}), "parameters", "true or false"),
     (dict(_v2({"prompt": "a"}), outputs=[{"name": "video"}]), "outputs", 'the one output is "response"'),

@@ -38,9 +38,19 @@ def _get(url: str, timeout_s: float) -> tuple[int, bytes]:
         return 0, str(error).encode()
 
 
-def live_stubs(proc: Path = Path("/proc")) -> dict[str, int]:
+def _parent(entry: Path) -> int | None:
+    try:
+        # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ")".
+        return int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def live_stubs(proc: Path = Path("/proc"), server_pid: int | None = None) -> dict[str, int]:
     """Live Python-backend stubs by model name, from their command lines (``... <instance>
-    DEFAULT``, the instance named ``<model>_<group>_<index>``). A zombie has no command line."""
+    DEFAULT``, the instance named ``<model>_<group>_<index>``). A zombie has no command line.
+    ``server_pid``: count only that tritonserver's children (several servers on one machine);
+    None: every stub (a pod runs one server)."""
     counts: dict[str, int] = {}
     for entry in proc.iterdir():
         if not entry.name.isdigit():
@@ -48,6 +58,8 @@ def live_stubs(proc: Path = Path("/proc")) -> dict[str, int]:
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
+            continue
+        if server_pid is not None and argv and argv[0].endswith(STUB.encode()) and _parent(entry) != server_pid:
             continue
         if not argv or not argv[0].endswith(STUB.encode()):
             continue
@@ -64,12 +76,13 @@ def _instances(config: dict) -> int:
     return sum(int(group.get("count", 1)) for group in config.get("instance_group") or [{"count": 1}])
 
 
-def check(url: str, models: tuple[str, ...] = MODELS, timeout_s: float = 5.0) -> str | None:
+def check(url: str, models: tuple[str, ...] = MODELS, timeout_s: float = 5.0,
+          server_pid: int | None = None) -> str | None:
     """None when Triton answers ready and every model has all its stubs alive; else the reason."""
     status, _ = _get(f"{url}/v2/health/ready", timeout_s)
     if status != 200:
         return f"Triton is not ready ({status or 'no answer'} from {url}/v2/health/ready)"
-    stubs = live_stubs()
+    stubs = live_stubs(server_pid=server_pid)
     for model in models:
         status, body = _get(f"{url}/v2/models/{model}/config", timeout_s)
         if status != 200:

@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from handler.triton_health import check
 
-        problem = check(layout.http_url) if running_pid(layout) is not None else "not running"
+        pid = running_pid(layout)
+        problem = check(layout.http_url, server_pid=pid) if pid is not None else "not running"
         print(problem or "running")
         if problem is None:
             report(layout)

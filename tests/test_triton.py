@@ -261,3 +261,52 @@ def test_the_job_services_cancel_stops_the_triton_generation_within_a_step(trito
         time.sleep(0.2)
         steps = pattern.findall(triton.log_file.read_text(errors="replace"))
     assert len(steps) == before + 1 and 2 <= int(steps[-1]) <= 4
+
+
+def _stub_pid(server_pid: int, model: str) -> int:
+    from pathlib import Path
+
+    from handler.triton_health import STUB, _parent
+
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _parent(entry) == server_pid:
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(STUB.encode()) and f"{model}_0_0".encode() in argv:
+                return int(entry.name)
+    raise AssertionError(f"no stub of {model} under tritonserver {server_pid}")
+
+
+def test_a_killed_stub_is_seen_by_the_health_check_and_a_restart_serves_again(tmp_path, server_weights):
+    """Triton 2.51 never restarts a dead stub and its /v2/health/ready stays 200
+    (../shared/notes/triton.md): handler.triton_health, the pod's probe, must see it."""
+    import os
+    import signal
+
+    from handler.triton_health import check
+    from scripts.triton_serve import running_pid, start, stop
+    from tests.conftest import start_triton
+
+    layout = start_triton(tmp_path, server_weights)
+    try:
+        pid = running_pid(layout)
+        assert check(layout.http_url, server_pid=pid) is None
+        os.kill(_stub_pid(pid, "wan_stream"), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while check(layout.http_url, server_pid=pid) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "wan_stream has 0 of its 1 backend stub(s) alive" in check(layout.http_url, server_pid=pid)
+        assert _session().get(f"{layout.http_url}/v2/health/ready", timeout=10).status_code == 200
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{layout.http_port}", network_timeout=120)
+        with pytest.raises(InferenceServerException) as refused:  # refused, clearly: never a hang
+            client.infer("wan", [_input(httpclient, BODY)])
+        assert "not healthy" in refused.value.message()
+        stop(layout)
+        start(layout, timeout_s=240)
+        assert check(layout.http_url, server_pid=running_pid(layout)) is None
+        assert json.loads(client.infer("wan", [_input(httpclient, dict(BODY, seed=8))]).as_numpy("response")[0])["seed"] == 8
+        client.close()
+    finally:
+        stop(layout)

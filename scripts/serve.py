@@ -310,6 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.server == "triton":
         from scripts import triton_serve
 
+        if args.model_path is not None:  # the local Triton serves the tiny model only (for now)
+            parser.error("--model-path is not served by --server triton yet: it runs the tiny model")
+
         triton_serve.main([args.action, "--timeout", str(args.timeout)])
         return
     layout = ServerLayout(model_path=args.model_path, model_config=args.model_config)

@@ -208,11 +208,18 @@ def _job(triton, request: dict, on_progress):
     import asyncio
 
     import httpx
+    import yaml
 
-    from jobs.config import Endpoint
+    from jobs.config import load_settings
     from jobs.dataplane import run
 
-    endpoint = Endpoint(name="triton", url=triton.http_url, kind="triton", model="wan_stream", timeout_s=120)
+    # The endpoint as config/jobs.yaml names it: kind triton, no model (the decoupled one by default).
+    config = triton.run_dir / "jobs.yaml"
+    config.write_text(yaml.safe_dump({"models": [{
+        "name": "wan", "variant": "ti2v-5b", "model_config": str(triton.model_config),
+        "endpoints": [{"name": "triton", "kind": "triton", "url": triton.http_url, "timeout_s": 120}]}]}))
+    [endpoint] = load_settings(config, triton.run_dir / "jobs-run", environ={}).models[0].endpoints
+    assert endpoint.model == "wan_stream"
 
     async def go():
         async with httpx.AsyncClient(trust_env=False) as client:

@@ -133,6 +133,11 @@ class Settings:
     # Where finished videos and posters are kept when the data plane returns them inline
     # (None: run_dir/results; in Kubernetes, a volume: JOBS_RESULTS_DIR).
     results_dir: Path | None = None
+    # The data plane's credential for asking whether a running job is still wanted (the
+    # TorchServe handler's cancellation check, GET /internal/v1/videos/{id}/wanted):
+    # JOBS_DATA_PLANE_TOKEN, else the file run_dir/data_plane_token (made by `jobs local start`).
+    # None: that route is off.
+    data_plane_token: str | None = None
 
     def model(self, name: str) -> ModelEntry | None:
         return next((m for m in self.models if m.name == name), None)
@@ -226,6 +231,16 @@ def _model(raw: Any, where: str, base: Path) -> ModelEntry:
     )
 
 
+DATA_PLANE_TOKEN_FILE = "data_plane_token"
+
+
+def _read_token(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
 def load_settings(config_path: str | Path | None = None, run_dir: str | Path | None = None,
                   environ: dict[str, str] | None = None) -> Settings:
     """Settings from config/jobs.yaml (or ``JOBS_CONFIG``) and the environment."""
@@ -255,6 +270,7 @@ def load_settings(config_path: str | Path | None = None, run_dir: str | Path | N
         max_attempts=_env_int("JOBS_MAX_ATTEMPTS", 5),
         stalled_after_s=float(_env_int("JOBS_STALLED_AFTER_S", 30)),
         results_dir=Path(results) if results else None,
+        data_plane_token=env.get("JOBS_DATA_PLANE_TOKEN") or _read_token(run / DATA_PLANE_TOKEN_FILE),
     )
 
 

@@ -9,8 +9,16 @@ STAMP := $(VENV)/.installed
 TOOLS := .venv-tools
 CHECKOV_VERSION := 3.3.30
 TOOLS_STAMP := $(TOOLS)/.installed-checkov-$(CHECKOV_VERSION)
+# Triton (make serve-triton, tests/test_triton*.py) runs from its own venv: the Python backend's stub
+# needs numpy<2 (its pybind11 uses numpy's 1.x C API; nvidia-pytriton pins it), and a .pth file puts
+# the project venv's packages behind it (scripts/triton_serve.py link-venv). KServe's Python client
+# lives there too: its protobuf descriptors clash with tritonclient's in one process.
+TRITON := .venv-triton
+PYTRITON_VERSION := 0.7.0
+KSERVE_VERSION := 0.21.0
+TRITON_STAMP := $(TRITON)/.installed-pytriton-$(PYTRITON_VERSION)-kserve-$(KSERVE_VERSION)
 
-.PHONY: serve stop status test tools security tiny-models archive bench-cpu clean
+.PHONY: serve stop status serve-triton stop-triton test tools security tiny-models archive bench-cpu clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +32,24 @@ $(TOOLS_STAMP):
 	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check checkov==$(CHECKOV_VERSION)
 	touch $@
 
+$(TRITON_STAMP): $(STAMP)
+	$(PYTHON) -m venv $(TRITON)
+	$(TRITON)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt \
+		'numpy<2' nvidia-pytriton==$(PYTRITON_VERSION) kserve==$(KSERVE_VERSION)
+	$(PY) -m scripts.triton_serve link-venv --venv $(TRITON)
+	touch $@
+
 # TorchServe on the tiny model, then the embedded PostgreSQL and the job service with its page.
 serve: $(STAMP)
 	$(PY) -m scripts.serve start
 	$(PY) -m jobs local start
+
+# The local Triton server on the tiny model: HTTP 8090, gRPC 8091, metrics 8092.
+serve-triton: $(STAMP) $(TRITON_STAMP)
+	$(PY) -m scripts.serve start --server triton
+
+stop-triton:
+	@if [ -x $(PY) ]; then $(PY) -m scripts.serve stop --server triton; fi
 
 stop:
 	@if [ -x $(PY) ]; then $(PY) -m jobs local stop; $(PY) -m scripts.serve stop; fi
@@ -35,7 +57,7 @@ stop:
 status: $(STAMP)
 	$(PY) -m scripts.serve status
 
-test: $(STAMP) $(TOOLS_STAMP)
+test: $(STAMP) $(TOOLS_STAMP) $(TRITON_STAMP)
 	$(PY) -m pytest
 
 tools: $(TOOLS_STAMP)
@@ -62,5 +84,5 @@ bench-cpu: $(STAMP)
 campaign: $(STAMP)
 	$(PY) -m tests.harness.campaign --out reliability/results/campaign.json
 
-clean: stop
+clean: stop stop-triton
 	rm -rf .run weights model_store/wan

@@ -69,6 +69,15 @@ class DeadlineExceeded(WanError):
     error_type = "deadline_exceeded"
 
 
+class Cancelled(WanError):
+    """The client withdrew the request (a closed stream, a cancelled call): the generation stops
+    at the next denoising step. Not a failure: never logged as one, and nobody is left to read
+    the answer (499 is the status proxies use for a client that closed the request)."""
+
+    http_status = 499
+    error_type = "cancelled"
+
+
 class StorageReadError(WanError):
     """Object storage failed while reading a request's input (not the client's fault)."""
 

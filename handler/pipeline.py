@@ -30,7 +30,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 from handler.config import SpeedOptions
-from handler.errors import DeadlineExceeded, InvalidRequest, ModelLoadError
+from handler.errors import Cancelled, DeadlineExceeded, InvalidRequest, ModelLoadError
 from handler.parallel import CfgSplitHook, RankGroup
 from handler.request import GenerationRequest
 from handler.variants import GenerationDefaults, ImageInput, VariantSpec
@@ -40,8 +40,11 @@ log = logging.getLogger(__name__)
 # UMT5's context as the Wan pipelines use it; longer prompts would be cut silently.
 MAX_PROMPT_TOKENS = 512
 
-# on_step(step, total_steps, elapsed_s) is called after every denoising step.
+# on_step(step, total_steps, elapsed_s) is called after every denoising step; it stops the
+# generation by raising one of STOPS.
 StepCallback = Callable[[int, int, float], None]
+# What a step callback may raise to stop a generation on purpose: every rank stops at that step.
+STOPS = (DeadlineExceeded, Cancelled)
 
 
 @dataclass(frozen=True)
@@ -312,7 +315,7 @@ class WanVideoPipeline:
         else:
             try:
                 latents, timings = self._denoise(pipe, req, on_step)
-            except DeadlineExceeded:
+            except STOPS:
                 raise  # agreed by every rank at the same step: they are in step again
             except Exception as exc:
                 raise CollectiveBroken(f"{exc.__class__.__name__}: {exc}") from exc
@@ -357,7 +360,7 @@ class WanVideoPipeline:
             try:
                 if on_step is not None:
                     on_step(step_index + 1, req.num_inference_steps, time.perf_counter() - mark)
-            except DeadlineExceeded as exc:
+            except STOPS as exc:
                 stop = exc
             # Every rank stops at the same step, or none does (the others would wait forever).
             if self.group is not None and self.group.agree_to_stop(stop is not None) and stop is None:

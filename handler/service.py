@@ -2,7 +2,8 @@
 
 ``WanService`` is everything the TorchServe handler does, minus TorchServe: tests drive it
 in-process with the same bodies a client sends. Streaming is a callback (``emit``) that the
-adapter wires to TorchServe's intermediate responses.
+adapter wires to TorchServe's intermediate responses (or Triton's decoupled responses);
+cancellation is another (``cancelled``), asked at every denoising step.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import torch
 
 from handler.config import HandlerConfig, load_handler_config
 from handler.envelopes import PLAIN, Envelope
-from handler.errors import DeadlineExceeded, InternalError, OutOfMemory, WanError
+from handler.errors import Cancelled, DeadlineExceeded, InternalError, OutOfMemory, WanError
 from handler.metrics import OK, STORAGE_FALLBACK, GenerationMetrics
 from handler.parallel import RankGroup
-from handler.pipeline import CollectiveBroken, WanVideoPipeline, pick_device, trim_host_heap
+from handler.pipeline import STOPS, CollectiveBroken, WanVideoPipeline, pick_device, trim_host_heap
 from handler.request import GenerationRequest, OutputKind, parse_request
 from handler.storage import ObjectStore, StorageConfig, StorageUnavailable
 from handler.variants import detect_variant
@@ -38,6 +39,8 @@ NDJSON_CONTENT_TYPE = "application/x-ndjson"
 
 # emit(line) sends one NDJSON line to the client before the final reply.
 Emit = Callable[[str], None]
+# cancelled() says whether the client withdrew the request (Triton's request.is_cancelled).
+IsCancelled = Callable[[], bool]
 
 
 @dataclass
@@ -143,8 +146,12 @@ class WanService:
         self.pipeline.check_split(request)
         return request
 
-    def handle(self, body: Any, request_id: str, emit: Emit | None = None, envelope: Envelope = PLAIN) -> Reply:
+    def handle(self, body: Any, request_id: str, emit: Emit | None = None, envelope: Envelope = PLAIN,
+               cancelled: IsCancelled | None = None) -> Reply:
         """Answer one request. Never raises: every failure becomes an error reply.
+
+        ``cancelled`` is asked before the generation and after every denoising step, streamed or
+        not: once it says yes the generation stops there and the reply is a ``Cancelled`` (499).
 
         On a worker of several ranks, every rank is called with the same request; the leader
         decides and answers, the others follow (``_follow``)."""
@@ -152,7 +159,7 @@ class WanService:
         if group is not None and not group.is_leader:
             reply = self._follow(request_id)
         else:
-            reply = self._lead(body, request_id, emit, envelope)
+            reply = self._lead(body, request_id, emit, envelope, cancelled)
         # glibc keeps the pages a request freed (frames, decode buffers, the encoder's) in its
         # arenas: without this RSS grew by ~0.5 MiB per small request (no Python object left
         # behind) and held a big request's ~300 MiB until a later one reused it. Cost: ~5 ms
@@ -160,7 +167,8 @@ class WanService:
         trim_host_heap()
         return reply
 
-    def _lead(self, body: Any, request_id: str, emit: Emit | None, envelope: Envelope) -> Reply:
+    def _lead(self, body: Any, request_id: str, emit: Emit | None, envelope: Envelope,
+              cancelled: IsCancelled | None = None) -> Reply:
         """The answer to one request: on one process, or as the leader of several ranks."""
         group = self.pipeline.group
         started = time.perf_counter()
@@ -174,8 +182,12 @@ class WanService:
                 if group is not None:
                     group.share_decision(request)  # None after a refusal: nothing to generate
             streaming = request.stream and emit is not None
+            if cancelled is not None and cancelled():
+                raise Cancelled("cancelled by the client before the generation started")
 
             def on_step(step: int, total: int, elapsed_s: float) -> None:
+                if cancelled is not None and cancelled():
+                    raise Cancelled(f"cancelled by the client after step {step} of {total}")
                 since_arrival = time.perf_counter() - started
                 if since_arrival > self.config.deadline_s and step < total:
                     raise DeadlineExceeded(
@@ -211,10 +223,12 @@ class WanService:
 
     def error_reply(self, error: WanError, streamed: bool = False) -> Reply:
         """The one place an error becomes what the client gets (and is counted). ``streamed``:
-        progress lines already went out with status 200, so the error is the last line."""
+        progress lines already went out with status 200, so the error (or the cancellation) is
+        the last line."""
         self.metrics.outcome(error.error_type, error.http_status)
         if streamed:
-            return Reply(body=ndjson_line({"event": "error", **error.to_body()}), content_type=NDJSON_CONTENT_TYPE)
+            event = "cancelled" if isinstance(error, Cancelled) else "error"
+            return Reply(body=ndjson_line({"event": event, **error.to_body()}), content_type=NDJSON_CONTENT_TYPE)
         return Reply(body=error.to_body(), status=error.http_status)
 
     def _follow(self, request_id: str) -> Reply:
@@ -225,15 +239,17 @@ class WanService:
             return Reply(body={"rank": self.pipeline.group.layout.rank, "generated": False})
         try:
             self.pipeline.generate(request)
-        except DeadlineExceeded:
-            pass  # stopped at the same step as the leader, which answers 504
+        except STOPS:
+            pass  # stopped at the same step as the leader, which answers (504 or 499)
         except CollectiveBroken as exc:
             self.pipeline.group.give_up(f"request {request_id} failed on this rank: {exc}")
         return Reply(body={"rank": self.pipeline.group.layout.rank, "generated": True})
 
     def _as_wan_error(self, exc: Exception, request_id: str) -> WanError:
         if isinstance(exc, WanError):
-            if exc.http_status >= 500:
+            if isinstance(exc, Cancelled):
+                log.info("request %s: %s", request_id, exc.message)  # the client's choice, not a failure
+            elif exc.http_status >= 500:
                 log.error("request %s failed: %s", request_id, exc.message)
             return exc
         if _is_out_of_memory(exc):

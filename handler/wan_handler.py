@@ -17,7 +17,7 @@ from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.envelopes import PLAIN, Envelope, unwrap
+from handler.envelopes import BINARY_HEADER, PLAIN, Envelope, unwrap
 from handler.errors import InvalidRequest, WanError
 from handler.metrics import Emit, GenerationMetrics
 from handler.service import NDJSON_CONTENT_TYPE, Reply, WanService
@@ -50,12 +50,13 @@ class WanVideoHandler(BaseHandler):
             # so it must be unique ("req-0" twice a day would overwrite a video).
             request_id = context.get_request_id(index) or uuid.uuid4().hex
             envelope, reply = self._answer(row, request_id, context, index)
+            wrapped = envelope.wrap(reply.body, reply.status, self.service.model.get("name", ""),
+                                    self.service.model.get("version", ""), request_id)
             context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, index)
-            context.set_response_content_type(index, reply.content_type)
-            for name, value in reply.headers.items():
+            context.set_response_content_type(index, wrapped.content_type or reply.content_type)
+            for name, value in {**reply.headers, **wrapped.headers}.items():
                 context.set_response_header(index, name, value)
-            replies.append(envelope.wrap(reply.body, self.service.model.get("name", ""),
-                                         self.service.model.get("version", ""), request_id))
+            replies.append(wrapped.body)
         return replies
 
     def _answer(self, row: Any, request_id: str, context, index: int) -> tuple[Envelope, Reply]:
@@ -69,7 +70,7 @@ class WanVideoHandler(BaseHandler):
             return PLAIN, self.service.error_reply(InvalidRequest(
                 "explanations are not served for video generation: use :predict or /predictions"))
         envelope, body = unwrap(row.get("body") if row.get("body") is not None else row.get("data"),
-                                self.service.config.limits)
+                                self.service.config.limits, _header(context, index, BINARY_HEADER))
         if isinstance(body, WanError):
             return envelope, self.service.error_reply(body)
         return envelope, self.service.handle(body, request_id, self._emitter(context, index), envelope)
@@ -99,3 +100,10 @@ def _torchserve_emit(context) -> Emit | None:
         found.add_or_update(value, [labels[name] for name in metric.labels])
 
     return emit
+
+
+def _header(context, index: int, name: str) -> str | None:
+    """A request header by name, whatever its case (HTTP names are case-insensitive)."""
+    properties = context.request_processor[index].get_request_properties() if context.request_processor else {}
+    wanted = name.lower()
+    return next((str(value) for key, value in (properties or {}).items() if key.lower() == wanted), None)

@@ -37,7 +37,8 @@ class Endpoint:
     name: str
     url: str
     kind: str = "torchserve"
-    # The model's name on the endpoint (TorchServe's /predictions/<model>, Triton's model).
+    # The model's name on the endpoint (TorchServe's /predictions/<model>, Triton's model: from a
+    # config file, a Triton endpoint defaults to its decoupled "wan_stream").
     model: str = "wan"
     # Requests in flight at most: the endpoint's workers, so the data plane never queues ours.
     capacity: int = 1
@@ -168,6 +169,10 @@ def _endpoint(raw: Any, where: str, base: Path) -> Endpoint:
     values = dict(raw)
     if values.get("kind", "torchserve") not in ENDPOINT_KINDS:
         raise JobsConfigError(f"{where}.kind must be one of {', '.join(ENDPOINT_KINDS)}")
+    if values.get("kind") == "triton":
+        # generate_stream streams progress and can be cancelled only on the decoupled model
+        # (DESIGN.md, "Triton data plane"); the plain "wan" would answer once, at the end.
+        values.setdefault("model", "wan_stream")
     if values.get("output", "inline") not in ("inline", "url"):
         raise JobsConfigError(f"{where}.output must be inline or url")
     for name in ("capacity", "priority"):

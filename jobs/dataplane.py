@@ -69,6 +69,10 @@ async def _error_answer(response: httpx.Response) -> Exception:
         if len(body) > _MAX_ERROR_BYTES:
             break
     status = response.status_code
+    # Triton's generate_stream refuses a request in its own framing, one Server-Sent Event
+    # (``data: {"error": "<message>"}``) with the 400: the handler's message is inside.
+    if body.lstrip().startswith(b"data:"):
+        body = body.lstrip()[5:].split(b"\n", 1)[0]
     try:
         payload = json.loads(body)
     except ValueError:

@@ -2,6 +2,7 @@
 
 ``python -m scripts.serve start|stop|status``; ``make serve`` / ``make stop`` call it.
 Everything the server writes (logs, key file, pid, sockets, temp files) goes to ``.run/``.
+``--server triton`` runs the local Triton server instead (scripts/triton_serve.py).
 """
 
 from __future__ import annotations
@@ -300,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("start", "stop", "status", "build", "java-home"))
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for ready")
+    parser.add_argument("--server", choices=("torchserve", "triton"), default="torchserve",
+                        help="the data plane: TorchServe (8080-8082) or Triton (8090-8092)")
     parser.add_argument("--model-path", type=Path,
                         help="serve this diffusers checkpoint folder instead of the tiny model")
     parser.add_argument("--model-config", type=Path, default=ServerLayout.model_config,
@@ -307,6 +310,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.model_path is not None and args.model_config == ServerLayout.model_config:
         parser.error("--model-path needs --model-config (e.g. config/models/ti2v-5b.yaml)")
+    if args.server == "triton":
+        from scripts import triton_serve
+
+        if args.model_path is not None:  # the local Triton serves the tiny model only (for now)
+            parser.error("--model-path is not served by --server triton yet: it runs the tiny model")
+
+        triton_serve.main([args.action, "--timeout", str(args.timeout)])
+        return
     layout = ServerLayout(model_path=args.model_path, model_config=args.model_config)
     if args.action == "start":
         start(layout, args.timeout)

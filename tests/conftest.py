@@ -11,7 +11,7 @@ import pytest
 from model_store.tiny_model import LAYOUTS, build_tiny_checkpoint
 from tests.harness.jobs import JobService, Postgres, jobs_config
 from tests.harness.payloads import SMALL
-from tests.harness.servers import MotoServer, start_server, stop_server
+from tests.harness.servers import MotoServer, start_server, start_triton, stop_server
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +58,16 @@ def crds():
     if found is None or not found.is_dir():
         (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(missing_crds_help(found))
     return load_crds(found)
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory, server_weights):
+    """One Triton server for the session, with the shipped (unbatched) configuration."""
+    from scripts.triton_serve import stop as stop_triton
+
+    layout = start_triton(tmp_path_factory.mktemp("triton"), server_weights)
+    yield layout
+    stop_triton(layout)
 
 
 @pytest.fixture(autouse=True, scope="session")

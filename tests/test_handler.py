@@ -98,12 +98,15 @@ def _v2(request, **extra):
 def test_kserve_v2_body_is_answered_in_the_open_inference_protocol(handler_and_context):
     handler, context = handler_and_context
     _prepare(context)
-    [reply] = handler.handle([{"data": json.dumps(_v2({"prompt": "a cat", "seed": 4})).encode()}], context)
+    # model_name: KServe's own client sends it in the body.
+    body = dict(_v2({"prompt": "a cat", "seed": 4}), model_name="wan")
+    [reply] = handler.handle([{"data": json.dumps(body).encode()}], context)
     assert context.get_response_status(0)[0] == 200
     assert (reply["id"], reply["model_name"]) == ("call-7", "wan")
     [output] = reply["outputs"]
-    assert (output["name"], output["datatype"], output["shape"]) == ("wan-request", "BYTES", [1])
-    assert output["data"][0]["seed"] == 4
+    # The one output is "response", as on Triton; BYTES data are strings: the answer's JSON text.
+    assert (output["name"], output["datatype"], output["shape"]) == ("response", "BYTES", [1])
+    assert json.loads(output["data"][0])["seed"] == 4
 
 
 @pytest.mark.parametrize(("body", "field", "words"), [
@@ -118,7 +121,12 @@ def test_kserve_v2_body_is_answered_in_the_open_inference_protocol(handler_and_c
     (_v2({"prompt": "a"}, name=""), "inputs", "name"),
     (_v2({"prompt": "a"}, data=["{}", "{}"]), "inputs", "got 2"),
     (dict(_v2({"prompt": "a"}), id=5), "id", "string"),
+    (dict(_v2({"prompt": "a"}), model_name=["wan"]), "model_name", "string"),
     (dict(_v2({"prompt": "a"}), parameters={"x": 1}), "parameters", "unknown field"),
+    (dict(_v2({"prompt": "a"}), parameters={"binary_data_output": 1}), "parameters", "true or false"),
+    (dict(_v2({"prompt": "a"}), outputs=[{"name": "video"}]), "outputs", 'the one output is "response"'),
+    (_v2({"prompt": "a", "output": "mp4"}), "output", "binary tensor data"),
+    (_v2({"prompt": "a", "stream": True}), "stream", "generate_stream"),
     (_v2({"prompt": "a"}, data=["not json"]), None, "not valid JSON"),
     (_v2({"prompt": "a", "num_frames": 10}), "num_frames", "num_frames"),
 ])
@@ -130,8 +138,11 @@ def test_malformed_kserve_bodies_are_400s_naming_the_problem(handler_and_context
         monkeypatch.setattr(handler.service.pipeline, "generate", lambda *a, **k: pytest.fail("must not generate"))
     [reply] = handler.handle([{"body": body}], context)
     assert context.get_response_status(0)[0] == 400
-    error = reply["predictions"][0]["error"] if "instances" in body else reply["outputs"][0]["data"][0]["error"]
-    assert error["field"] == field and words in error["message"]
+    if "instances" in body:
+        error = reply["predictions"][0]["error"]
+        assert error["field"] == field and words in error["message"]
+    else:  # the Open Inference Protocol's error: {"error": "<message>"}
+        assert set(reply) == {"error"} and words in reply["error"]
 
 
 @pytest.mark.parametrize("row", [

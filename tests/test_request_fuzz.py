@@ -163,7 +163,7 @@ def test_any_kserve_body_gives_a_request_within_the_limits_or_a_4xx(body, spec, 
     result = outcome(inner, spec, storage)
     if isinstance(result, GenerationRequest):
         check_request(result, spec, storage)
-        answer = envelope.wrap({"seed": result.seed}, "wan", "1.0", "req")
+        answer = envelope.wrap({"seed": result.seed}, 200, "wan", "1.0", "req").body
         assert json.loads(json.dumps(answer)) == answer  # the answer is plain JSON
     else:
         check_error(result, inner if isinstance(inner, dict) else keys)

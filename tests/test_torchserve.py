@@ -11,7 +11,7 @@ import requests
 from handler.video import probe_mp4
 from scripts.client import ServerError, WanClient
 from scripts.serve import start
-from tests.harness.payloads import SMALL, png_base64
+from tests.harness.payloads import BAD_REQUESTS, RAW_BAD_BODIES, SMALL, png_base64
 
 SMALL_BODY = {"prompt": "a paper boat on a river", **SMALL}
 
@@ -73,42 +73,6 @@ def test_streaming_gives_one_progress_line_per_step_then_result(torchserve):
     assert [e["step"] for e in events[:-1]] == [1, 2, 3, 4, 5]
     assert all(e["total"] == 5 and e["elapsed_s"] >= 0 for e in events[:-1])
     assert probe_mp4(base64.b64decode(events[-1]["video"]["base64"])).num_frames == SMALL["num_frames"]
-
-
-BAD_REQUESTS = [
-    ({}, "prompt"),
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": "   "}, "prompt"),
-    ({"prompt": 42}, "prompt"),
-    ({"prompt": "x" * 5000}, "prompt"),
-    ({"prompt": "cat " * 600}, "prompt"),
-    ({"prompt": "x", "promt": "typo"}, "promt"),
-    ({"prompt": "x", "width": 100, "height": 64}, "width"),
-    ({"prompt": "x", "width": 64}, "height"),
-    ({"prompt": "x", "width": "64", "height": 64}, "width"),
-    ({"prompt": "x", "width": 64000, "height": 64}, "width"),
-    ({"prompt": "x", "num_frames": 10}, "num_frames"),
-    ({"prompt": "x", "num_frames": -3}, "num_frames"),
-    ({"prompt": "x", "num_frames": 10**12}, "num_frames"),
-    ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
-    ({"prompt": "x", "num_inference_steps": 1.5}, "num_inference_steps"),
-    ({"prompt": "x", "fps": True}, "fps"),
-    ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
-    ({"prompt": "x", "guidance_scale": 1e308}, "guidance_scale"),
-    ({"prompt": "x", "guidance_scale_2": 3.0}, "guidance_scale_2"),
-    ({"prompt": "x", "seed": -1}, "seed"),
-    ({"prompt": "x", "seed": "abc"}, "seed"),
-    ({"prompt": "x", "output": "gif"}, "output"),
-    ({"prompt": "x", "output": "url"}, "output"),
-    ({"prompt": "x", "stream": "yes"}, "stream"),
-    ({"prompt": "x", "stream": True, "output": "mp4"}, "output"),
-    ({"prompt": "x", "image": "not base64!!"}, "image"),
-    ({"prompt": "x", "image": base64.b64encode(b"just some text, not an image").decode()}, "image"),
-    ({"prompt": "x", "image": "https://example.com/cat.png"}, "image"),
-    ({"prompt": "x", "image": "data:text/plain;base64,aGVsbG8="}, "image"),
-    ({"prompt": "x", "image": 7}, "image"),
-]
-RAW_BAD_BODIES = [b"not json", b"[1, 2, 3]", b'{"prompt": "x", "guidance_scale": NaN}', b"\xff\xfe", b'"just a string"']
 
 
 def test_bad_requests_get_4xx_json_and_the_worker_survives(torchserve):

@@ -226,3 +226,38 @@ def video_problem(response: requests.Response, expect: dict[str, int], output: s
     return None
 
 
+# Requests every data plane refuses with a 400 naming the field (the TorchServe and Triton tests).
+BAD_REQUESTS = [
+    ({}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": 42}, "prompt"),
+    ({"prompt": "x" * 5000}, "prompt"),
+    ({"prompt": "cat " * 600}, "prompt"),
+    ({"prompt": "x", "promt": "typo"}, "promt"),
+    ({"prompt": "x", "width": 100, "height": 64}, "width"),
+    ({"prompt": "x", "width": 64}, "height"),
+    ({"prompt": "x", "width": "64", "height": 64}, "width"),
+    ({"prompt": "x", "width": 64000, "height": 64}, "width"),
+    ({"prompt": "x", "num_frames": 10}, "num_frames"),
+    ({"prompt": "x", "num_frames": -3}, "num_frames"),
+    ({"prompt": "x", "num_frames": 10**12}, "num_frames"),
+    ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
+    ({"prompt": "x", "num_inference_steps": 1.5}, "num_inference_steps"),
+    ({"prompt": "x", "fps": True}, "fps"),
+    ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
+    ({"prompt": "x", "guidance_scale": 1e308}, "guidance_scale"),
+    ({"prompt": "x", "guidance_scale_2": 3.0}, "guidance_scale_2"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "seed": "abc"}, "seed"),
+    ({"prompt": "x", "output": "gif"}, "output"),
+    ({"prompt": "x", "output": "url"}, "output"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "stream": True, "output": "mp4"}, "output"),
+    ({"prompt": "x", "image": "not base64!!"}, "image"),
+    ({"prompt": "x", "image": base64.b64encode(b"just some text, not an image").decode()}, "image"),
+    ({"prompt": "x", "image": "https://example.com/cat.png"}, "image"),
+    ({"prompt": "x", "image": "data:text/plain;base64,aGVsbG8="}, "image"),
+    ({"prompt": "x", "image": 7}, "image"),
+]
+RAW_BAD_BODIES = [b"not json", b"[1, 2, 3]", b'{"prompt": "x", "guidance_scale": NaN}', b"\xff\xfe", b'"just a string"']

@@ -301,3 +301,16 @@ def moto_s3(log_path: Path, bucket: str = "wan-fuzz") -> Iterator[dict[str, str]
         yield server.env(bucket)
     finally:
         server.stop()
+
+
+def start_triton(root: Path, weights_dir: Path, max_batch_size: int | None = None):
+    """A real tritonserver (the nvidia-pytriton wheel's, from .venv-triton) serving the tiny model
+    as make serve-triton does, on free ports; returns its TritonLayout."""
+    from scripts.triton_serve import TritonLayout
+    from scripts.triton_serve import start as start_triton_server
+
+    http, grpc, metrics = free_ports(3)
+    layout = TritonLayout(run_dir=root, weights=weights_dir / "tiny-ti2v-5b", http_port=http, grpc_port=grpc,
+                          metrics_port=metrics, max_batch_size=max_batch_size)
+    start_triton_server(layout, timeout_s=240)
+    return layout

@@ -9,6 +9,7 @@ streaming span all three stages.
 
 from __future__ import annotations
 
+import os
 import uuid
 from http import HTTPStatus
 from typing import Any
@@ -17,6 +18,7 @@ from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from handler.cancel import JOB_ID_HEADER, CancelCheckConfig
 from handler.envelopes import BINARY_HEADER, PLAIN, Envelope, unwrap
 from handler.errors import InvalidRequest, WanError
 from handler.metrics import Emit, GenerationMetrics
@@ -37,6 +39,8 @@ class WanVideoHandler(BaseHandler):
             model={"name": context.model_name, "version": manifest_model.get("modelVersion", "")},
             metrics=GenerationMetrics(_torchserve_emit(context), context.model_name),
         )
+        # The job service's cancellation check (handler/cancel.py); None: jobs run to their end.
+        self.cancel_check = CancelCheckConfig.from_env(os.environ)
         self.context = context
         self.initialized = True
 
@@ -52,7 +56,7 @@ class WanVideoHandler(BaseHandler):
             envelope, reply = self._answer(row, request_id, context, index)
             wrapped = envelope.wrap(reply.body, reply.status, self.service.model.get("name", ""),
                                     self.service.model.get("version", ""), request_id)
-            context.set_response_status(reply.status, HTTPStatus(reply.status).phrase, index)
+            context.set_response_status(reply.status, _phrase(reply.status), index)
             context.set_response_content_type(index, wrapped.content_type or reply.content_type)
             for name, value in {**reply.headers, **wrapped.headers}.items():
                 context.set_response_header(index, name, value)
@@ -73,7 +77,17 @@ class WanVideoHandler(BaseHandler):
                                 self.service.config.limits, _header(context, index, BINARY_HEADER))
         if isinstance(body, WanError):
             return envelope, self.service.error_reply(body)
-        return envelope, self.service.handle(body, request_id, self._emitter(context, index), envelope)
+        try:
+            cancelled = self._cancel_hook(context, index)
+        except WanError as error:
+            return envelope, self.service.error_reply(error)
+        return envelope, self.service.handle(body, request_id, self._emitter(context, index), envelope, cancelled)
+
+    def _cancel_hook(self, context, index: int):
+        """Asks the job service, when one sent this request (its header) and a check is configured."""
+        if self.cancel_check is None:
+            return None
+        return self.cancel_check.check_for(_header(context, index, JOB_ID_HEADER))
 
     @staticmethod
     def _emitter(context, index):
@@ -100,6 +114,14 @@ def _torchserve_emit(context) -> Emit | None:
         found.add_or_update(value, [labels[name] for name in metric.labels])
 
     return emit
+
+
+def _phrase(status: int) -> str:
+    """The reason phrase; 499 (a cancelled request, nginx's name) is not in HTTPStatus."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Client Closed Request" if status == 499 else "Unknown"
 
 
 def _header(context, index: int, name: str) -> str | None:

@@ -264,6 +264,21 @@ def start(layout: ServerLayout = ServerLayout(), timeout_s: float = 300.0, extra
     raise SystemExit(f"TorchServe did not become ready in {timeout_s:.0f} s; see {layout.run_dir / 'logs'}")
 
 
+def local_cancel_env(layout: ServerLayout, environ: dict[str, str] | os._Environ = os.environ) -> dict[str, str]:
+    """The handler's cancellation check (handler/cancel.py) pointed at the local job service, which
+    `make serve` starts after TorchServe (JOBS_PORT, 8000) and which writes the data-plane token
+    file then: the handler reads the file at each question, so its absence at start is fine. An
+    operator's own WAN_CANCEL_URL wins."""
+    if environ.get("WAN_CANCEL_URL"):
+        return {}
+    run_dir = Path(environ.get("JOBS_RUN_DIR") or layout.run_dir)
+    return {
+        "WAN_CANCEL_URL": f"http://127.0.0.1:{environ.get('JOBS_PORT', '8000')}/internal/v1/videos/{{job_id}}/wanted",
+        # jobs.config.DATA_PLANE_TOKEN_FILE, not imported: scripts/serve.py runs without the jobs extra.
+        "WAN_CANCEL_TOKEN_FILE": str(run_dir / "data_plane_token"),
+    }
+
+
 def stop(layout: ServerLayout = ServerLayout(), timeout_s: float = 60.0) -> None:
     java_home = find_java_home() or ""
     env = _server_env(layout, java_home)
@@ -320,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     layout = ServerLayout(model_path=args.model_path, model_config=args.model_config)
     if args.action == "start":
-        start(layout, args.timeout)
+        start(layout, args.timeout, extra_env=local_cancel_env(layout))
     elif args.action == "stop":
         stop(layout)
     elif args.action == "build":

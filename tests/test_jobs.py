@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
+from tests.harness.cancel import LONG_JOB, Rig, cancelled_generations
 from tests.harness.jobs import SLOW_JOB, TINY_JOB, JobService, Postgres, jobs_config, sse_events, wait_for
 
 
@@ -423,3 +424,17 @@ def test_data_plane_asks_whether_a_job_is_still_wanted(tmp_path, jobs_torchserve
     finally:
         service.stop()
         database.stop()
+
+
+def test_cancel_stops_torchserve_within_a_step(tmp_path, server_weights):
+    """With the handler's cancellation check on (WAN_CANCEL_URL, the data-plane token), a running
+    job cancelled through the Jobs API stops in TorchServe (the handler counts it cancelled) and the
+    next job runs. How soon, with and without the check: tests/harness/cancel.py, BENCHMARKS."""
+    with Rig(tmp_path, server_weights, check=True) as rig:
+        figures = rig.cancel_once(LONG_JOB)
+        assert cancelled_generations(rig.server) == 1, figures
+        # A job nobody cancels still completes with the check asking all along.
+        with rig.service.client(rig.key) as client:
+            kept = client.post("/v1/videos", json={"prompt": "kept", **TINY_JOB, "num_inference_steps": 4}).json()
+            assert rig.service.wait_done(client, kept["id"])["status"] == "completed"
+        assert cancelled_generations(rig.server) == 1

@@ -55,13 +55,14 @@ class JobService:
     """The API (and, unless separate, the worker) of one job service, as processes."""
 
     def __init__(self, root: Path, database: Postgres, config: dict, env: dict[str, str] | None = None,
-                 separate_worker: bool = False):
+                 separate_worker: bool = False, port: int | None = None):
         self.root = root
         self.database = database
         self.separate_worker = separate_worker
         self.config_path = root / "jobs.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
-        [self.port] = free_ports(1)
+        # Given when the data plane must know it before the job service starts (the cancel check's URL).
+        self.port = port or free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")},

@@ -333,6 +333,102 @@ class WanVideoPipeline:
         timings["generate_s"] = time.perf_counter() - started
         return Generated(frames=frames, timings_s=timings, streamed=streamer is not None and streamer.sent_exactly(frames))
 
+    def batch_key(self, req: GenerationRequest) -> tuple | None:
+        """Requests with equal keys can be denoised in one batch (their own prompts, negative
+        prompts and seeds); None: this one runs alone. Image requests run alone (the I2V
+        pipeline conditions one image), and so does everything on several ranks."""
+        if self.group is not None or req.image is not None:
+            return None
+        return (req.width, req.height, req.num_frames, req.num_inference_steps, req.guidance_scale,
+                req.guidance_scale_2 if self.spec.two_experts else None)
+
+    @torch.inference_mode()
+    def generate_batch(self, reqs: list[GenerationRequest], on_steps: list[StepCallback],
+                       on_frames: list[FramesCallback | None]) -> list[Generated | Exception]:
+        """Requests of one ``batch_key`` denoised together, then decoded one by one (as alone).
+        Each gets its own noise (a generator per seed) and step callbacks; one that stops
+        (cancelled, past its deadline) gets its stop as its outcome while the others go on, and
+        the batch ends early once all stopped. Each result equals the request's own generation
+        up to float rounding (a batched matmul sums in another order: ~1e-6 on the latents)."""
+        if len(reqs) == 1:
+            try:
+                return [self.generate(reqs[0], on_steps[0], on_frames[0])]
+            except STOPS as exc:
+                return [exc]
+        started = time.perf_counter()
+        latents, timings, stops = self._denoise_batch(self.text_pipe, reqs, on_steps)
+        outcomes: list[Generated | Exception] = []
+        for index, stop in enumerate(stops):
+            if stop is not None:
+                outcomes.append(stop)
+                continue
+            mark = time.perf_counter()
+            frames_to = on_frames[index]
+            streamer = _FrameStreamer(self.text_pipe.vae, frames_to) if frames_to is not None and \
+                not self.text_pipe.vae.use_tiling else None
+            try:
+                frames = self._decode(self.text_pipe, latents[index:index + 1])
+            finally:
+                if streamer is not None:
+                    streamer.remove()
+            own = dict(timings, vae_decode_s=time.perf_counter() - mark, generate_s=time.perf_counter() - started)
+            outcomes.append(Generated(frames=frames, timings_s=own,
+                                      streamed=streamer is not None and streamer.sent_exactly(frames)))
+        return outcomes
+
+    def _denoise_batch(self, pipe, reqs: list[GenerationRequest], on_steps: list[StepCallback]
+                       ) -> tuple[torch.Tensor | None, dict, list[Exception | None]]:
+        """``_denoise`` for several requests of one ``batch_key`` on one process."""
+        timings: dict[str, float] = {}
+        first = reqs[0]
+        use_cfg = first.guidance_scale > 1.0
+        mark = time.perf_counter()
+        # Each prompt alone: the embeddings are padded to MAX_PROMPT_TOKENS, so they stack.
+        encoded = [pipe.encode_prompt(prompt=req.prompt, negative_prompt=req.negative_prompt,
+                                      do_classifier_free_guidance=use_cfg, max_sequence_length=MAX_PROMPT_TOKENS,
+                                      device=self.device) for req in reqs]
+        prompt_embeds = torch.cat([positive for positive, _ in encoded])
+        negative_embeds = torch.cat([negative for _, negative in encoded]) if use_cfg else None
+        timings["text_encode_s"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        # One CPU generator per request: diffusers draws each sample's noise from its own, the
+        # same noise the request gets alone.
+        generators = [torch.Generator(device="cpu").manual_seed(req.seed) for req in reqs]
+        stops: list[Exception | None] = [None] * len(reqs)
+
+        def step_end(_pipe, step_index, _timestep, _tensors):
+            for index, on_step in enumerate(on_steps):
+                if stops[index] is None:
+                    try:
+                        on_step(step_index + 1, first.num_inference_steps, time.perf_counter() - mark)
+                    except STOPS as exc:
+                        stops[index] = exc
+            if all(stop is not None for stop in stops):
+                raise stops[0]
+            return {}
+
+        kwargs = {
+            "prompt_embeds": prompt_embeds,
+            "negative_prompt_embeds": negative_embeds,
+            "height": first.height,
+            "width": first.width,
+            "num_frames": first.num_frames,
+            "num_inference_steps": first.num_inference_steps,
+            "guidance_scale": first.guidance_scale,
+            "generator": generators,
+            "output_type": "latent",
+            "return_dict": False,
+            "callback_on_step_end": step_end,
+        }
+        if self.spec.two_experts:
+            kwargs["guidance_scale_2"] = first.guidance_scale_2
+        try:
+            latents = pipe(**kwargs)[0]
+        except STOPS:
+            return None, timings, stops  # every one of them stopped
+        timings["denoise_s"] = time.perf_counter() - mark
+        return latents, timings, stops
+
     def _denoise(self, pipe, req: GenerationRequest, on_step: StepCallback | None) -> tuple[torch.Tensor, dict]:
         """Text encoding and the denoising loop: the part every rank runs together."""
         timings: dict[str, float] = {}

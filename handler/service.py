@@ -25,7 +25,7 @@ from handler.envelopes import PLAIN, Envelope
 from handler.errors import Cancelled, DeadlineExceeded, InternalError, OutOfMemory, WanError
 from handler.metrics import OK, STORAGE_FALLBACK, GenerationMetrics
 from handler.parallel import RankGroup
-from handler.pipeline import STOPS, CollectiveBroken, WanVideoPipeline, pick_device, trim_host_heap
+from handler.pipeline import STOPS, CollectiveBroken, Generated, WanVideoPipeline, pick_device, trim_host_heap
 from handler.request import GenerationRequest, OutputKind, parse_request
 from handler.storage import ObjectStore, StorageConfig, StorageUnavailable
 from handler.variants import detect_variant
@@ -65,6 +65,46 @@ class GenerationResult:
 
 def ndjson_line(event: Mapping[str, Any]) -> str:
     return json.dumps(event, separators=(",", ":")) + "\n"
+
+
+@dataclass
+class BatchItem:
+    """One request of several handed over together (``WanService.handle_batch``)."""
+
+    body: Any
+    request_id: str
+    emit: Emit | None = None
+    envelope: Envelope = PLAIN
+    cancelled: IsCancelled | None = None
+
+
+@dataclass
+class _Pending:
+    """An admitted request on its way: its step callback streams progress and stops it when the
+    client cancelled or its deadline passed."""
+
+    request: GenerationRequest
+    request_id: str
+    started: float
+    deadline_s: float
+    emit: Emit | None  # set when the answer is streamed
+    cancelled: IsCancelled | None
+    lines_sent: int = 0
+
+    def on_step(self, step: int, total: int, elapsed_s: float) -> None:
+        if self.cancelled is not None and self.cancelled():
+            raise Cancelled(f"cancelled by the client after step {step} of {total}")
+        since_arrival = time.perf_counter() - self.started
+        if since_arrival > self.deadline_s and step < total:
+            raise DeadlineExceeded(
+                f"stopped after step {step} of {total}, {since_arrival:.0f} s after the request arrived: "
+                f"past this model's {self.deadline_s:.0f} s deadline; ask for fewer frames, "
+                "fewer steps or a smaller size"
+            )
+        if self.emit is not None:
+            self.emit(ndjson_line({"event": "progress", "step": step, "total": total,
+                                   "elapsed_s": round(elapsed_s, 3)}))
+            self.lines_sent += 1
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -170,56 +210,105 @@ class WanService:
     def _lead(self, body: Any, request_id: str, emit: Emit | None, envelope: Envelope,
               cancelled: IsCancelled | None = None) -> Reply:
         """The answer to one request: on one process, or as the leader of several ranks."""
-        group = self.pipeline.group
         started = time.perf_counter()
-        streaming = False
-        lines_sent = 0
-        request = None
+        pending = None
         try:
-            try:
-                request = self.parse(body, envelope)
-            finally:
-                if group is not None:
-                    group.share_decision(request)  # None after a refusal: nothing to generate
-            streaming = request.stream and emit is not None
-            if cancelled is not None and cancelled():
-                raise Cancelled("cancelled by the client before the generation started")
-
-            def on_step(step: int, total: int, elapsed_s: float) -> None:
-                if cancelled is not None and cancelled():
-                    raise Cancelled(f"cancelled by the client after step {step} of {total}")
-                since_arrival = time.perf_counter() - started
-                if since_arrival > self.config.deadline_s and step < total:
-                    raise DeadlineExceeded(
-                        f"stopped after step {step} of {total}, {since_arrival:.0f} s after the request arrived: "
-                        f"past this model's {self.config.deadline_s:.0f} s deadline; ask for fewer frames, "
-                        "fewer steps or a smaller size"
-                    )
-                nonlocal lines_sent
-                if streaming:
-                    emit(ndjson_line({"event": "progress", "step": step, "total": total,
-                                      "elapsed_s": round(elapsed_s, 3)}))
-                    lines_sent += 1
-
-            result = self._generate(request, request_id, on_step, started)
-            self.metrics.outcome(STORAGE_FALLBACK if result.storage_fallback else OK, 200)
-            if request.output is OutputKind.MP4:
-                return Reply(body=result.mp4, content_type=MP4_CONTENT_TYPE,
-                             headers={"x-wan-seed": str(request.seed), "x-wan-request-id": request_id})
-            if streaming:
-                return Reply(body=ndjson_line({"event": "result", **result.body}), content_type=NDJSON_CONTENT_TYPE)
-            return Reply(body=result.body)
+            pending = self._admit(body, request_id, emit, envelope, cancelled, started)
+            return self._success(pending, self._generate(pending.request, request_id, pending.on_step, started))
         except CollectiveBroken as exc:
             # The other ranks may wait forever for this one: the worker must restart. No reply:
             # TorchServe may already have answered "Worker died." (another rank's connection
             # closed), and a late reply would be read as the answer to the next request.
             self.pipeline.group.give_up(f"request {request_id} failed: {exc}")
         except Exception as exc:  # noqa: BLE001 - the one place where failures become responses
-            error = self._as_wan_error(exc, request_id)
+            return self._failure(exc, request_id, pending)
+
+    def _admit(self, body: Any, request_id: str, emit: Emit | None, envelope: Envelope,
+               cancelled: IsCancelled | None, started: float) -> _Pending:
+        """Parse one request (raises its 4xx) and make its step callback."""
+        group = self.pipeline.group
+        request = None
+        try:
+            request = self.parse(body, envelope)
+        finally:
+            if group is not None:
+                group.share_decision(request)  # None after a refusal: nothing to generate
+        if cancelled is not None and cancelled():
+            raise Cancelled("cancelled by the client before the generation started")
+        return _Pending(request, request_id, started, self.config.deadline_s,
+                        emit if request.stream else None, cancelled)
+
+    def _success(self, pending: _Pending, result: GenerationResult) -> Reply:
+        request = pending.request
+        self.metrics.outcome(STORAGE_FALLBACK if result.storage_fallback else OK, 200)
+        if request.output is OutputKind.MP4:
+            return Reply(body=result.mp4, content_type=MP4_CONTENT_TYPE,
+                         headers={"x-wan-seed": str(request.seed), "x-wan-request-id": pending.request_id})
+        if pending.emit is not None:
+            return Reply(body=ndjson_line({"event": "result", **result.body}), content_type=NDJSON_CONTENT_TYPE)
+        return Reply(body=result.body)
+
+    def _failure(self, exc: Exception, request_id: str, pending: _Pending | None) -> Reply:
+        error = self._as_wan_error(exc, request_id)
         if isinstance(error, OutOfMemory):
             # Out of the except block: the traceback, and the tensors its frames held, are gone.
             self.pipeline.release_memory()
-        return self.error_reply(error, streamed=lines_sent > 0)
+        return self.error_reply(error, streamed=pending is not None and pending.lines_sent > 0)
+
+    def handle_batch(self, items: list[BatchItem]) -> list[Reply]:
+        """Answer several requests that arrived together (TorchServe's batchSize, Triton's dynamic
+        batching): those the pipeline can denoise together (``batch_key``: same size, frames,
+        steps and guidance; their own prompts and seeds) run as one batch, the others alone. Each
+        keeps its own progress, cancellation, errors and result; a refused request never joins
+        a batch. Never raises."""
+        if self.pipeline.group is not None or len(items) < 2:
+            return [self.handle(item.body, item.request_id, item.emit, item.envelope, item.cancelled)
+                    for item in items]
+        started = time.perf_counter()
+        replies: list[Reply | None] = [None] * len(items)
+        batches: dict[Any, list[tuple[int, _Pending]]] = {}
+        for index, item in enumerate(items):
+            try:
+                pending = self._admit(item.body, item.request_id, item.emit, item.envelope, item.cancelled, started)
+            except Exception as exc:  # noqa: BLE001 - refused alone; its batch mates go on
+                replies[index] = self._failure(exc, item.request_id, None)
+                continue
+            key = self.pipeline.batch_key(pending.request)
+            batches.setdefault(key if key is not None else ("alone", index), []).append((index, pending))
+        for members in batches.values():
+            for index, reply in zip([i for i, _ in members], self._run_batch([p for _, p in members]), strict=True):
+                replies[index] = reply
+        trim_host_heap()
+        return replies  # type: ignore[return-value] - every slot is filled above
+
+    def _run_batch(self, members: list[_Pending]) -> list[Reply]:
+        if len(members) == 1:
+            [pending] = members
+            try:
+                return [self._success(pending, self._generate(pending.request, pending.request_id, pending.on_step,
+                                                              pending.started))]
+            except Exception as exc:  # noqa: BLE001 - the one place where failures become responses
+                return [self._failure(exc, pending.request_id, pending)]
+        encoders = [Mp4Encoder(p.request.fps, self.config.video) for p in members]
+        try:
+            try:
+                outcomes = self.pipeline.generate_batch([p.request for p in members], [p.on_step for p in members],
+                                                        [encoder.add for encoder in encoders])
+            except Exception as exc:  # noqa: BLE001 - the batch as a whole failed (out of memory): each is told
+                return [self._failure(exc, p.request_id, p) for p in members]
+            replies = []
+            for pending, encoder, outcome in zip(members, encoders, outcomes, strict=True):
+                try:
+                    if isinstance(outcome, Exception):
+                        raise outcome
+                    replies.append(self._success(pending, self._package(
+                        pending.request, pending.request_id, outcome, encoder, pending.started)))
+                except Exception as exc:  # noqa: BLE001 - this request's failure is its own
+                    replies.append(self._failure(exc, pending.request_id, pending))
+            return replies
+        finally:
+            for encoder in encoders:
+                encoder.abort()
 
     def error_reply(self, error: WanError, streamed: bool = False) -> Reply:
         """The one place an error becomes what the client gets (and is counted). ``streamed``:
@@ -267,14 +356,21 @@ class WanService:
             torch.cuda.reset_peak_memory_stats(self.pipeline.device)
         try:
             generated = self.pipeline.generate(request, on_step, on_frames=encoder.add)
-            mark = time.perf_counter()
-            if generated.streamed:
-                mp4 = encoder.finish()
-            else:
-                encoder.abort()
-                mp4 = encode_mp4(generated.frames, request.fps, self.config.video)
+            return self._package(request, request_id, generated, encoder, started)
         finally:
             encoder.abort()  # a failed generation: stop the encoder's thread
+
+    def _package(self, request: GenerationRequest, request_id: str, generated: Generated, encoder: Mp4Encoder,
+                 started: float) -> GenerationResult:
+        """A generated video's MP4 (``encoder`` had its frames if they streamed), stored or
+        inline, and the answer's fields."""
+        on_gpu = self.pipeline.device.type == "cuda"
+        mark = time.perf_counter()
+        if generated.streamed:
+            mp4 = encoder.finish()
+        else:
+            encoder.abort()
+            mp4 = encode_mp4(generated.frames, request.fps, self.config.video)
         # What the encoder still needed after the decode (all of it when nothing was streamed).
         timings = dict(generated.timings_s, video_encode_s=time.perf_counter() - mark)
         if on_gpu:

@@ -1,0 +1,90 @@
+"""Dynamic batching (issue #17), in-process on the tiny checkpoints: requests with the same size,
+frames, steps and guidance are denoised together, each with its own prompt and seed, and get the
+frames they get alone; other shapes are split off, a bad request is refused alone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from handler.errors import Cancelled
+from handler.request import parse_request
+from handler.service import BatchItem
+from handler.video import probe_mp4
+from tests.harness.payloads import SMALL, png_base64
+
+
+def _request(service, **body):
+    return parse_request({"prompt": "x", **SMALL, **body}, service.spec, service.defaults, service.config.limits,
+                         False)
+
+
+@pytest.mark.parametrize("layout", ["ti2v-5b", "t2v-a14b"])
+def test_a_batch_gives_each_request_its_own_frames(services, layout):
+    service = services[layout]
+    pipeline = service.pipeline
+    reqs = [_request(service, prompt="a red fox", seed=3), _request(service, prompt="a boat", seed=9,
+                                                                    negative_prompt="blurry")]
+    assert pipeline.batch_key(reqs[0]) == pipeline.batch_key(reqs[1])
+    steps: list[list[int]] = [[], []]
+    batched = pipeline.generate_batch(reqs, [lambda s, t, e, i=i: steps[i].append(s) for i in range(2)], [None, None])
+    for req, together, seen in zip(reqs, batched, steps, strict=True):
+        alone = pipeline.generate(req).frames
+        # Equal up to float rounding: a batched matmul sums in another order (~1e-6 on the
+        # latents), which moves a pixel by one level at most after the decode.
+        assert together.frames.shape == alone.shape
+        assert int(np.abs(together.frames.astype(int) - alone.astype(int)).max()) <= 1
+        assert float(np.mean(together.frames != alone)) < 0.01
+        assert seen == list(range(1, SMALL["num_inference_steps"] + 1))
+    assert int(np.abs(batched[0].frames.astype(int) - batched[1].frames.astype(int)).max()) > 1  # not one video twice
+
+
+def test_other_shapes_and_images_are_never_batched(services):
+    service = services["ti2v-5b"]
+    key = service.pipeline.batch_key
+    base = _request(service, seed=1)
+    assert key(base) == key(_request(service, seed=2, prompt="other"))
+    for change in ({"width": 96}, {"num_frames": 13}, {"num_inference_steps": 3}, {"guidance_scale": 2.0}):
+        assert key(_request(service, **change)) != key(base), change
+    assert key(_request(service, image=png_base64(128, 128))) is None
+
+
+def test_handle_batch_splits_mixed_shapes_and_refuses_a_bad_one_alone(services):
+    service = services["ti2v-5b"]
+    items = [
+        BatchItem({"prompt": "one", "seed": 1, **SMALL}, "r1"),
+        BatchItem({"prompt": "two", "seed": 2, **SMALL}, "r2"),
+        BatchItem({"prompt": "bad", **SMALL, "num_frames": 10}, "r3"),
+        BatchItem({"prompt": "wide", "seed": 4, **SMALL, "width": 192}, "r4"),
+        BatchItem({"prompt": "mp4", "seed": 5, **SMALL, "output": "mp4"}, "r5"),
+    ]
+    replies = service.handle_batch(items)
+    assert [r.status for r in replies] == [200, 200, 400, 200, 200]
+    assert replies[2].body["error"]["field"] == "num_frames"
+    assert [replies[i].body["seed"] for i in (0, 1, 3)] == [1, 2, 4]
+    assert [replies[i].body["request_id"] for i in (0, 1, 3)] == ["r1", "r2", "r4"]
+    assert replies[3].body["width"] == 192
+    assert replies[4].headers["x-wan-seed"] == "5" and probe_mp4(replies[4].body).num_frames == SMALL["num_frames"]
+
+
+def test_a_cancelled_request_leaves_its_batch_mates_running(services):
+    service = services["ti2v-5b"]
+    lines: list[str] = []
+    body = {**SMALL, "num_inference_steps": 4}
+    items = [
+        BatchItem({"prompt": "stays", "seed": 1, **body, "stream": True}, "r1", emit=lines.append),
+        BatchItem({"prompt": "goes", "seed": 2, **body}, "r2", cancelled=iter([False, False, True, True]).__next__),
+    ]
+    stays, goes = service.handle_batch(items)
+    assert goes.status == Cancelled.http_status and "after step 2 of 4" in goes.body["error"]["message"]
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    assert json.loads(stays.body)["event"] == "result"
+
+
+def test_a_batch_whose_requests_all_stop_ends_early(services):
+    service = services["ti2v-5b"]
+    items = [BatchItem({"prompt": p, **SMALL, "num_inference_steps": 4}, p, cancelled=iter([False, True]).__next__)
+             for p in ("a", "b")]
+    assert [r.status for r in service.handle_batch(items)] == [499, 499]

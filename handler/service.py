@@ -289,6 +289,7 @@ class WanService:
                                                               pending.started))]
             except Exception as exc:  # noqa: BLE001 - the one place where failures become responses
                 return [self._failure(exc, pending.request_id, pending)]
+        log.info("denoising %d requests in one batch: %s", len(members), ", ".join(p.request_id for p in members))
         encoders = [Mp4Encoder(p.request.fps, self.config.video) for p in members]
         try:
             try:

@@ -26,7 +26,7 @@ import triton_python_backend_utils as pb_utils
 import yaml
 
 from handler.envelopes import answer_element, error_message
-from handler.service import WanService
+from handler.service import BatchItem, WanService
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +93,26 @@ class WanStreamModel:
         self.output_shape = (1, 1) if config.get("max_batch_size", 0) > 0 else (1,)
 
     def execute(self, requests) -> None:
-        # Decoupled: every answer leaves through the request's sender, nothing is returned.
+        # Decoupled: every answer leaves through the request's sender, nothing is returned. With
+        # dynamic batching on, Triton hands over the requests it gathered: the service denoises
+        # those of one shape together and answers each on its own.
+        senders, forwarded, items = [], [], []
         for request in requests:
-            self._answer(request)
+            sender = request.get_response_sender()
+            senders.append(sender)
+            forwarded.append(json.loads(request.parameters() or "{}").get(FORWARDED, False))
+            items.append(BatchItem(_request_bytes(request), request.request_id() or uuid.uuid4().hex,
+                                   self._emitter(sender), cancelled=request.is_cancelled))
+        for sender, was_forwarded, reply in zip(senders, forwarded, self.service.handle_batch(items), strict=True):
+            self._send(sender, was_forwarded, reply)
 
-    def _answer(self, request) -> None:
-        sender = request.get_response_sender()
-        forwarded = json.loads(request.parameters() or "{}").get(FORWARDED, False)
-        request_id = request.request_id() or uuid.uuid4().hex
-
+    def _emitter(self, sender):
         def emit(line: str) -> None:
             sender.send(_response(line.strip().encode("utf-8"), self.output_shape))
 
-        reply = self.service.handle(_request_bytes(request), request_id, emit, cancelled=request.is_cancelled)
+        return emit
+
+    def _send(self, sender, forwarded: bool, reply) -> None:
         flag = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if reply.status >= 400:
             message = error_message(reply.body)

@@ -22,7 +22,7 @@ from handler.cancel import JOB_ID_HEADER, CancelCheckConfig
 from handler.envelopes import BINARY_HEADER, PLAIN, Envelope, unwrap
 from handler.errors import InvalidRequest, WanError
 from handler.metrics import Emit, GenerationMetrics
-from handler.service import NDJSON_CONTENT_TYPE, Reply, WanService
+from handler.service import NDJSON_CONTENT_TYPE, BatchItem, Reply, WanService
 
 # TorchServe hands each request over as {"body": <JSON it decoded>} or {"data": <bytes>}; {}
 # when it kept nothing. A form post (urlencoded or multipart) arrives as its fields instead, and
@@ -48,22 +48,37 @@ class WanVideoHandler(BaseHandler):
         self.context = context
         if not isinstance(data, list) or not data:
             data = [{}]  # nothing kept: answered as a missing body
-        replies = []
+        # Several rows when the model config's batchSize > 1: WanService.handle_batch denoises
+        # those it can together and answers each on its own.
+        envelopes: list[Envelope] = []
+        replies: list[Reply | None] = []
+        items: list[tuple[int, BatchItem]] = []
+        request_ids = []
         for index, row in enumerate(data):
             # TorchServe always gives one; an in-process caller may not. It names the stored video,
             # so it must be unique ("req-0" twice a day would overwrite a video).
             request_id = context.get_request_id(index) or uuid.uuid4().hex
-            envelope, reply = self._answer(row, request_id, context, index)
+            request_ids.append(request_id)
+            envelope, admitted = self._admit(row, request_id, context, index)
+            envelopes.append(envelope)
+            replies.append(admitted if isinstance(admitted, Reply) else None)
+            if isinstance(admitted, BatchItem):
+                items.append((index, admitted))
+        for (index, _), reply in zip(items, self.service.handle_batch([item for _, item in items]), strict=True):
+            replies[index] = reply
+        answers = []
+        for index, (envelope, reply, request_id) in enumerate(zip(envelopes, replies, request_ids, strict=True)):
             wrapped = envelope.wrap(reply.body, reply.status, self.service.model.get("name", ""),
                                     self.service.model.get("version", ""), request_id)
             context.set_response_status(reply.status, _phrase(reply.status), index)
             context.set_response_content_type(index, wrapped.content_type or reply.content_type)
             for name, value in {**reply.headers, **wrapped.headers}.items():
                 context.set_response_header(index, name, value)
-            replies.append(wrapped.body)
-        return replies
+            answers.append(wrapped.body)
+        return answers
 
-    def _answer(self, row: Any, request_id: str, context, index: int) -> tuple[Envelope, Reply]:
+    def _admit(self, row: Any, request_id: str, context, index: int) -> tuple[Envelope, Reply | BatchItem]:
+        """A row's request for the service, or the reply refusing it."""
         # Refusals here are decided alike on every rank of a multi-GPU worker (the same rows).
         if not isinstance(row, dict) or not set(row) <= _ROW_KEYS:
             return PLAIN, self.service.error_reply(InvalidRequest(
@@ -81,7 +96,7 @@ class WanVideoHandler(BaseHandler):
             cancelled = self._cancel_hook(context, index)
         except WanError as error:
             return envelope, self.service.error_reply(error)
-        return envelope, self.service.handle(body, request_id, self._emitter(context, index), envelope, cancelled)
+        return envelope, BatchItem(body, request_id, self._emitter(context, index), envelope, cancelled)
 
     def _cancel_hook(self, context, index: int):
         """Asks the job service, when one sent this request (its header) and a check is configured."""

@@ -5,15 +5,21 @@ frames they get alone; other shapes are split off, a bad request is refused alon
 from __future__ import annotations
 
 import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import yaml
 
 from handler.errors import Cancelled
 from handler.request import parse_request
 from handler.service import BatchItem
 from handler.video import probe_mp4
+from scripts.serve import local_session
 from tests.harness.payloads import SMALL, png_base64
+from tests.harness.servers import TINY_CONFIG, start_server, start_triton, stop_server
 
 
 def _request(service, **body):
@@ -88,3 +94,78 @@ def test_a_batch_whose_requests_all_stop_ends_early(services):
     items = [BatchItem({"prompt": p, **SMALL, "num_inference_steps": 4}, p, cancelled=iter([False, True]).__next__)
              for p in ("a", "b")]
     assert [r.status for r in service.handle_batch(items)] == [499, 499]
+
+
+# -- the real servers: TorchServe's batchSize, Triton's dynamic batcher --------------------------
+
+BLOCKER = {"prompt": "keeps the worker busy", "width": 256, "height": 256, "num_frames": 33,
+           "num_inference_steps": 20}
+# Queued behind the blocker, so the server hands them over together: two of one shape, one other.
+TRIO = [dict(SMALL, prompt="one", seed=21), dict(SMALL, prompt="two", seed=22),
+        dict(SMALL, prompt="wide", seed=23, width=192)]
+BATCH_OF_TWO = re.compile(r"denoising 2 requests in one batch")
+
+
+def _behind_a_blocker(send, bodies: list[dict]) -> list:
+    """Send the blocker, then (once it runs) ``bodies`` at once; the answers to ``bodies``."""
+    with ThreadPoolExecutor(max_workers=len(bodies) + 1) as pool:
+        blocker = pool.submit(send, BLOCKER)
+        time.sleep(1.5)  # the blocker has reached the worker (a few seconds of work)
+        answers = list(pool.map(send, bodies))
+        assert blocker.result()[0] == 200
+    return answers
+
+
+@pytest.fixture(scope="module")
+def batching_torchserve(tmp_path_factory, server_weights):
+    root = tmp_path_factory.mktemp("torchserve-batching")
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    config.update(batchSize=4, maxBatchDelay=500, minWorkers=1, maxWorkers=1)
+    path = root / "tiny-ti2v-batching.yaml"
+    path.write_text(yaml.safe_dump(config))
+    server = start_server(root / "server", server_weights, model_config=path)
+    yield server
+    stop_server(server)
+
+
+def test_torchserve_batch_size_denoises_one_shape_together(batching_torchserve):
+    server = batching_torchserve
+    log = server.layout.run_dir / "logs" / "model_log.log"
+
+    def send(body):
+        response = server.predict(body)
+        return response.status_code, response.json()
+
+    before = len(BATCH_OF_TWO.findall(log.read_text(errors="replace")))
+    answers = _behind_a_blocker(send, [*TRIO, dict(SMALL, prompt="bad", num_frames=10)])
+    assert [status for status, _ in answers] == [200, 200, 200, 400]
+    assert [answer["seed"] for _, answer in answers[:3]] == [21, 22, 23]
+    assert answers[2][1]["width"] == 192 and answers[3][1]["error"]["field"] == "num_frames"
+    assert len(BATCH_OF_TWO.findall(log.read_text(errors="replace"))) == before + 1
+
+
+@pytest.fixture(scope="module")
+def batching_triton(tmp_path_factory, server_weights):
+    from scripts.triton_serve import stop as stop_triton
+
+    layout = start_triton(tmp_path_factory.mktemp("triton-batching"), server_weights, max_batch_size=4)
+    yield layout
+    stop_triton(layout)
+
+
+def test_triton_dynamic_batching_denoises_one_shape_together(batching_triton):
+    triton = batching_triton
+
+    def send(body):
+        document = {"inputs": [{"name": "request", "shape": [1], "datatype": "BYTES", "data": [json.dumps(body)]}]}
+        with local_session() as session:
+            response = session.post(f"{triton.http_url}/v2/models/wan/infer", json=document, timeout=180)
+        payload = response.json()
+        return response.status_code, json.loads(payload["outputs"][0]["data"][0]) if response.ok else payload
+
+    before = len(BATCH_OF_TWO.findall(triton.log_file.read_text(errors="replace")))
+    answers = _behind_a_blocker(send, [*TRIO, dict(SMALL, prompt="bad", num_frames=10)])
+    assert [status for status, _ in answers] == [200, 200, 200, 400]
+    assert [answer["seed"] for _, answer in answers[:3]] == [21, 22, 23]
+    assert answers[3][1]["error"].startswith("num_frames must be 4k+1")
+    assert len(BATCH_OF_TWO.findall(triton.log_file.read_text(errors="replace"))) == before + 1

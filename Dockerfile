@@ -14,6 +14,9 @@
 # NVIDIA driver that supports CUDA 13.0 (580 or newer). The torch version must equal the pin in
 # constraints.txt (tests/test_dockerfile.py checks it).
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
+# The Triton data plane's base (the `triton` target): NVIDIA's Triton 25.10, Ubuntu 24.04 with
+# Python 3.12 (the build stage's venv runs there unchanged) and the Python backend.
+ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:25.10-py3
 # checkov reads `FROM ${CUDA_IMAGE}` as an image without a tag; the ARG above pins it
 # (tests/test_dockerfile.py checks the pin and that torch's CUDA build matches it).
 # checkov:skip=CKV_DOCKER_7: the base image is pinned through ARG CUDA_IMAGE, which checkov does not expand
@@ -80,6 +83,49 @@ WORKDIR /tmp
 EXPOSE 8000 9100
 ENTRYPOINT ["python", "-m", "jobs"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
+
+# -- triton: the Triton data plane's image (kserve/clusterservingruntime-wan-triton.yaml) -----------
+#
+#   docker build --target triton -t registry.wan.internal/wan/wan-triton:0.1.0 .
+#
+# The same venv as the TorchServe image (CUDA torch, diffusers, our package) on NVIDIA's Triton
+# image: the model repository (model_store/triton_repo.py, copied by KServe to /mnt/models) holds
+# two one-line model.py files that import handler.triton_model from it. The Python backend's stub
+# runs the base image's Python 3.12 and finds the venv's packages through PYTHONPATH. No weights.
+# checkov:skip=CKV_DOCKER_7: the base image is pinned through ARG TRITON_IMAGE, which checkov does not expand
+FROM ${TRITON_IMAGE} AS triton
+ARG GIT_COMMIT=unknown
+COPY --from=build /opt/venv /opt/venv
+# Writable places as in the TorchServe image (a read-only root filesystem in kserve/): /tmp and
+# the home's .cache; Triton writes nothing else.
+ENV PATH=/opt/tritonserver/bin:$PATH:/opt/venv/bin \
+    PYTHONPATH=/opt/venv/lib/python3.12/site-packages \
+    WAN_GIT_COMMIT=${GIT_COMMIT} \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    HOME=/home/triton-server \
+    TMPDIR=/tmp \
+    XDG_CACHE_HOME=/home/triton-server/.cache \
+    HF_HOME=/home/triton-server/.cache/huggingface \
+    TORCHINDUCTOR_CACHE_DIR=/home/triton-server/.cache/torchinductor \
+    TRITON_HOME=/home/triton-server/.cache \
+    TRITON_CACHE_DIR=/home/triton-server/.cache/triton \
+    CUDA_CACHE_PATH=/home/triton-server/.cache/nv
+# NVIDIA's image has the user triton-server with uid 1000, as KServe runtimes run (runAsUser: 1000).
+USER 1000:1000
+WORKDIR /home/triton-server
+# 8080: HTTP (KServe v2 REST, generate_stream), 9000: gRPC, 8002: metrics (KServe's Triton ports).
+EXPOSE 8080 9000 8002
+# Serving when both models are ready and their backend stubs are alive (Triton's own ready stays
+# 200 over a dead stub: handler/triton_health.py). Kubernetes ignores HEALTHCHECK: the runtime
+# has the same exec probe.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30m --retries=3 \
+    CMD ["python3", "-m", "handler.triton_health", "--url", "http://127.0.0.1:8080"]
+# The model repository is the store KServe copies to /mnt/models; explicit model control is off,
+# so every model in it loads at start (the plain wan forwards to wan_stream).
+CMD ["tritonserver", "--model-repository=/mnt/models", "--http-port=8080", "--grpc-port=9000", "--metrics-port=8002", "--allow-grpc=true", "--allow-http=true"]
 
 # -- runtime --------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS runtime

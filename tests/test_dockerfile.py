@@ -271,3 +271,30 @@ def test_the_job_service_runs_without_torch():
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO,
                             timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# -- the Triton data plane's image (the `triton` target) ----------------------------------
+
+
+def test_the_triton_image_runs_the_repository_with_the_serving_venv():
+    text = DOCKERFILE.read_text()
+    [stage] = [s for s in stages(text) if re.search(r"\bAS triton$", s[0][1], re.IGNORECASE)]
+    base = re.search(r"^ARG TRITON_IMAGE=nvcr\.io/nvidia/tritonserver:(\d+)\.(\d+)-py3$", text, re.MULTILINE)
+    assert base, "NVIDIA's Triton image, pinned to a release"
+    assert stages(text)[-1] is not stage, "the TorchServe runtime stays the default target"
+    copied = [rest for keyword, rest in stage if keyword == "COPY"]
+    assert copied == ["--from=build /opt/venv /opt/venv"], "the serving venv and nothing else (no weights)"
+    env = " ".join(rest for keyword, rest in stage if keyword == "ENV")
+    # The stub runs the base image's Python: the build stage's venv must be of the same minor version.
+    build_python = re.search(r"python3=(\d+\.\d+)\.\*", " ".join(rest for _, rest in stages(text)[0])).group(1)
+    assert f"PYTHONPATH=/opt/venv/lib/python{build_python}/site-packages" in env
+    assert re.search(r"\bHF_HUB_OFFLINE=1\b", env)
+    [user] = [rest for keyword, rest in stage if keyword == "USER"]
+    assert re.fullmatch(r"[1-9]\d*:\d+", user), "a numeric non-root USER (runAsNonRoot)"
+    [cmd] = [json.loads(rest) for keyword, rest in stage if keyword == "CMD"]
+    assert cmd[0] == "tritonserver" and "--model-repository=/mnt/models" in cmd
+    ports = {int(arg.split("=")[1]) for arg in cmd if re.match(r"--(http|grpc|metrics)-port=", arg)}
+    exposed = {int(p) for keyword, rest in stage if keyword == "EXPOSE" for p in rest.split()}
+    assert exposed == ports == {8080, 9000, 8002}
+    [health] = [rest for keyword, rest in stage if keyword == "HEALTHCHECK"]
+    assert "handler.triton_health" in health and "127.0.0.1:8080" in health

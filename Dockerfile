@@ -89,7 +89,7 @@ CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
 #   docker build --target triton -t registry.wan.internal/wan/wan-triton:0.1.0 .
 #
 # The same venv as the TorchServe image (CUDA torch, diffusers, our package) on NVIDIA's Triton
-# image: the model repository (model_store/triton_repo.py, copied by KServe to /mnt/models) holds
+# image: the model repository (model_store/triton_repo.py, in the store KServe copies to /mnt/models) holds
 # two one-line model.py files that import handler.triton_model from it. The Python backend's stub
 # runs the base image's Python 3.12 and finds the venv's packages through PYTHONPATH. No weights.
 # checkov:skip=CKV_DOCKER_7: the base image is pinned through ARG TRITON_IMAGE, which checkov does not expand
@@ -123,9 +123,10 @@ EXPOSE 8080 9000 8002
 # has the same exec probe.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30m --retries=3 \
     CMD ["python3", "-m", "handler.triton_health", "--url", "http://127.0.0.1:8080"]
-# The model repository is the store KServe copies to /mnt/models; explicit model control is off,
+# The model repository inside the store KServe copies to /mnt/models (the weights beside it, in
+# /mnt/models/weights/<variant>: kserve/README.md); explicit model control is off,
 # so every model in it loads at start (the plain wan forwards to wan_stream).
-CMD ["tritonserver", "--model-repository=/mnt/models", "--http-port=8080", "--grpc-port=9000", "--metrics-port=8002", "--allow-grpc=true", "--allow-http=true"]
+CMD ["tritonserver", "--model-repository=/mnt/models/repository", "--http-port=8080", "--grpc-port=9000", "--metrics-port=8002", "--allow-grpc=true", "--allow-http=true"]
 
 # -- runtime --------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS runtime

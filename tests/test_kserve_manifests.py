@@ -66,6 +66,14 @@ BROKEN_CASES = {
          "(parallelType tp, torchrun.nproc-per-node 4, config/models/t2v-a14b-4gpu.yaml): the pod needs 4")),
     "multi-gpu-without-dev-shm.yaml": ("/spec/predictor/model/volumeMounts",
                                        "nothing is mounted at /dev/shm: one worker of 4 ranks"),
+    "triton-model-format.yaml": ("/spec/predictor/model/modelFormat/name",
+                                 "model format must be 'triton' on runtime 'wan-triton', got 'pytorch'"),
+    "triton-concurrency-above-batch.yaml": (
+        "/spec/predictor/containerConcurrency",
+        "containerConcurrency 2 exceeds what one pod runs at once (Triton's wan_stream max_batch_size 1 "
+        "(ti2v-5b.yaml))"),
+    "triton-runtime-ready-probe.yaml": ("/spec/containers/0/readinessProbe",
+                                        "must run python3 -m handler.triton_health: Triton's own ready endpoint"),
 }
 
 
@@ -264,7 +272,7 @@ def test_a_torchserve_envelope_anywhere_in_a_pods_env_is_a_problem(crds):
     manifests = load_manifests([KSERVE])[0]
     context = Context(manifests, crds)
     envelope = {"name": kserve.ENVELOPE_ENV, "value": "kserve"}
-    [runtime] = [m for m in manifests if m.kind == "ClusterServingRuntime"]
+    [runtime] = [m for m in manifests if m.kind == "ClusterServingRuntime" and m.name == "wan-torchserve"]
     runtime.doc["spec"]["containers"][0]["env"] = [{"name": "WAN_S3_BUCKET", "value": "results"}, envelope]
     [deployment] = [m for m in manifests if m.kind == "Deployment"]
     deployment.doc["spec"]["template"]["spec"]["containers"][0].setdefault("env", []).append(envelope)
@@ -280,8 +288,9 @@ def test_a_torchserve_envelope_anywhere_in_a_pods_env_is_a_problem(crds):
     # The other services set nothing themselves, but their pods would get the runtime's.
     inherited = [p for p in problems if p.manifest is not None and p.manifest.kind == "InferenceService"
                  and p.where == "/spec/predictor/model/env"]
-    assert {p.manifest.name for p in inherited} == {m.name for m in manifests if m.kind == "InferenceService"} - {
-        "wan-t2v-a14b"}
+    assert {p.manifest.name for p in inherited} == {
+        m.name for m in manifests if m.kind == "InferenceService"
+        and m.doc["spec"]["predictor"]["model"]["runtime"] == "wan-torchserve"} - {"wan-t2v-a14b"}
     assert all("from runtime 'wan-torchserve'" in p.message for p in inherited)
     assert all("503" in p.message and "400" in p.message for p in problems if p.manifest is not None
                and "TS_SERVICE_ENVELOPE" in p.message)

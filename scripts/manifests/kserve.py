@@ -48,7 +48,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from model_store.kserve_store import MODEL_NAME, MOUNT_PATH, StoreError, parse_s3_uri
+from model_store.triton_repo import TritonSettings
 from scripts.manifests.context import Context
 from scripts.manifests.core import Manifest, Problem, of_kind
 from scripts.manifests.kube import (
@@ -83,6 +86,13 @@ ENVELOPE_WHY = ("the handler reads KServe v1/v2 bodies itself; TorchServe's enve
                 "naming the problem")
 PROTOCOLS = ("v1", "v2")  # protocolVersions the handler reads (HTTP, on TorchServe's inference port)
 MODEL_FORMAT = "pytorch"
+# The Triton data plane (runtime wan-triton, the image's `triton` target): its model format and
+# protocol, where its model repository sits in KServe's copy of the store, and the probe that
+# sees a dead backend stub (Triton's own ready endpoint does not).
+TRITON_FORMAT = "triton"
+TRITON_PROTOCOLS = ("v2",)
+TRITON_REPOSITORY = f"{MOUNT_PATH}/repository"
+TRITON_HEALTH = "handler.triton_health"
 STORE_ARGS = (f"--model-store={MOUNT_PATH}/model-store", f"--ts-config={MOUNT_PATH}/config/config.properties")
 LOCALMODEL_JOB_NAMESPACE = "kserve-localmodel-jobs"  # KServe's default localModel.jobNamespace
 S3_ANNOTATIONS = ("serving.kserve.io/s3-endpoint", "serving.kserve.io/s3-usehttps", "serving.kserve.io/s3-region")
@@ -199,6 +209,72 @@ def check_torchserve_config(context: Context) -> list[Problem]:
 # -- serving runtimes -------------------------------------------------------------------
 
 
+def _args(container: dict[str, Any]) -> list[str]:
+    return [str(a) for a in (container.get("command") or []) + (container.get("args") or [])]
+
+
+def runs_triton(runtime: Manifest | None) -> bool:
+    """A runtime whose kserve-container runs tritonserver (else: TorchServe)."""
+    found = named_container(runtime.get("spec", "containers", default=[]) or []) if runtime is not None else None
+    return found is not None and "tritonserver" in _args(found[1])
+
+
+def _flag(args: list[str], *names: str) -> str | None:
+    for arg in args:
+        for name in names:
+            if arg.startswith(f"{name}="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def _triton_runtime_problems(runtime: Manifest, where: str, container: dict[str, Any]) -> list[Problem]:
+    """A Triton runtime: the repository inside KServe's copy, one HTTP port (Knative routes one),
+    probes that see a dead stub, the metrics annotation on Triton's metrics port."""
+    problems = []
+    args = _args(container)
+    formats = runtime.get("spec", "supportedModelFormats", default=[]) or []
+    ours = [f for f in formats if f.get("name") == TRITON_FORMAT]
+    if not ours:
+        problems.append(Problem(runtime, "/spec/supportedModelFormats",
+                                f"does not support model format {TRITON_FORMAT!r} "
+                                f"(supports {[f.get('name') for f in formats]})"))
+    elif any(f.get("autoSelect") for f in ours):
+        problems.append(Problem(runtime, "/spec/supportedModelFormats",
+                                f"{TRITON_FORMAT!r} must not be auto-selected: any InferenceService of that format "
+                                "without a runtime would get this image, which serves only the Wan repository"))
+    for i, protocol in enumerate(runtime.get("spec", "protocolVersions", default=[]) or []):
+        if protocol not in TRITON_PROTOCOLS:
+            problems.append(Problem(runtime, f"/spec/protocolVersions/{i}",
+                                    f"protocol {protocol!r} is not served: Knative routes the one HTTP port, "
+                                    f"where Triton answers {' and '.join(TRITON_PROTOCOLS)}"))
+    repository = _flag(args, "--model-repository", "--model-store")
+    if repository is None or not repository.rstrip("/").startswith(f"{MOUNT_PATH}/"):
+        problems.append(Problem(runtime, f"{where}/args",
+                                f"tritonserver must read its model repository from KServe's copy of the store, "
+                                f"--model-repository={TRITON_REPOSITORY}; got {repository!r}"))
+    http = as_int(_flag(args, "--http-port") or 8000)
+    ports = [p for p in container.get("ports") or [] if isinstance(p, dict)]
+    if len(ports) != 1 or ports[0].get("containerPort") != http:
+        problems.append(Problem(runtime, f"{where}/ports",
+                                f"must declare exactly one port, Triton's HTTP port {http} (--http-port); "
+                                f"found {[p.get('containerPort') for p in ports]}"))
+    for probe in ("readinessProbe", "livenessProbe"):
+        command = [str(a) for a in ((container.get(probe) or {}).get("exec") or {}).get("command") or []]
+        if TRITON_HEALTH not in command:
+            problems.append(Problem(runtime, f"{where}/{probe}",
+                                    f"must run python3 -m {TRITON_HEALTH}: Triton's own ready endpoint stays 200 "
+                                    "over a dead backend stub, which Triton never restarts"))
+        elif not any(f"127.0.0.1:{http}" in arg for arg in command):
+            problems.append(Problem(runtime, f"{where}/{probe}",
+                                    f"{TRITON_HEALTH} must ask Triton's HTTP port: --url http://127.0.0.1:{http}"))
+    metrics = as_int(_flag(args, "--metrics-port") or 8002)
+    annotated = runtime.get("spec", "annotations", "prometheus.kserve.io/port")
+    if annotated is not None and as_int(annotated) != metrics:
+        problems.append(Problem(runtime, "/spec/annotations/prometheus.kserve.io~1port",
+                                f"metrics port {annotated} is not Triton's metrics port {metrics} (--metrics-port)"))
+    return problems
+
+
 def check_runtimes(context: Context) -> list[Problem]:
     manifests = context.manifests
     ts = context.torchserve
@@ -214,6 +290,9 @@ def check_runtimes(context: Context) -> list[Problem]:
             continue
         index, container = found
         where = f"/spec/containers/{index}"
+        if runs_triton(runtime):
+            problems += _triton_runtime_problems(runtime, where, container)
+            continue
         formats = [f.get("name") for f in runtime.get("spec", "supportedModelFormats", default=[]) or []]
         if MODEL_FORMAT not in formats:
             problems.append(Problem(runtime, "/spec/supportedModelFormats",
@@ -365,9 +444,12 @@ def check_inference_services(context: Context) -> list[Problem]:
                                         f"ServingRuntime in namespace {isvc.namespace}, of that name"))
         protocol = model.get("protocolVersion") or "v1"
         format_name = (model.get("modelFormat") or {}).get("name")
-        if format_name != MODEL_FORMAT:
+        triton = runs_triton(runtime)
+        expected_format, served = (TRITON_FORMAT, TRITON_PROTOCOLS) if triton else (MODEL_FORMAT, PROTOCOLS)
+        if format_name != expected_format:
             problems.append(Problem(isvc, "/spec/predictor/model/modelFormat/name",
-                                    f"model format must be {MODEL_FORMAT!r}, got {format_name!r}"))
+                                    f"model format must be {expected_format!r} on runtime {runtime_name!r}, "
+                                    f"got {format_name!r}"))
         if runtime is not None:
             if runtime.get("spec", "disabled") is True:
                 problems.append(Problem(isvc, "/spec/predictor/model/runtime", f"runtime {runtime_name!r} is disabled"))
@@ -381,10 +463,10 @@ def check_inference_services(context: Context) -> list[Problem]:
                                         f"runtime {runtime_name!r} does not serve protocol {protocol!r} "
                                         f"(serves {protocols})"))
         effective = _effective(isvc, runtime)
-        if protocol not in PROTOCOLS:
+        if protocol not in served:
             problems.append(Problem(isvc, "/spec/predictor/model/protocolVersion",
-                                    f"protocol {protocol!r} is not served (the handler reads KServe's "
-                                    f"{' and '.join(PROTOCOLS)} bodies over HTTP)"))
+                                    f"protocol {protocol!r} is not served on this runtime ({' and '.join(served)} "
+                                    "over HTTP)"))
         own = _envelope_env_problems(isvc, "/spec/predictor/model", model)
         problems += own
         if not own and ENVELOPE_ENV in effective["env"]:
@@ -399,14 +481,46 @@ def check_inference_services(context: Context) -> list[Problem]:
         problems += _limit_problems(isvc, model)
         problems += _storage_problems(isvc, variant)
         problems += _credential_problems(isvc, manifests)
-        problems += _scaling_problems(isvc, predictor, snapshot)
+        capacity = _triton_capacity(isvc, ts, variant, problems) if triton and snapshot is not None else None
+        problems += _scaling_problems(isvc, predictor, snapshot, capacity)
         problems += _gpu_problems(isvc, predictor, effective)
-        if snapshot is not None:
+        if snapshot is not None and triton:
+            problems += _triton_gpu_problems(isvc, effective, snapshot["source"])
+        elif snapshot is not None:
             problems += _rank_problems(isvc, effective, ts, variant, snapshot)
     return problems
 
 
-def _scaling_problems(isvc: Manifest, predictor: dict[str, Any], snapshot: dict[str, Any] | None) -> list[Problem]:
+def _triton_capacity(isvc: Manifest, ts: TorchServeConfig, variant: str, problems: list[Problem]
+                     ) -> tuple[int, str] | None:
+    """What config.pbtxt lets one Triton pod run at once: its wan_stream's max_batch_size (one
+    instance), from the variant's model config as model_store/triton_repo.py renders it."""
+    path = ts.model_config_path(variant)
+    try:
+        settings = TritonSettings.from_model_yaml(yaml.safe_load(path.read_text()) or {})
+    except (OSError, ValueError) as e:
+        problems.append(Problem(isvc, f"/metadata/labels/{VARIANT_LABEL.replace('/', '~1')}",
+                                f"{path.name}: its triton: section: {e}"))
+        return None
+    if settings.device != "gpu":
+        problems.append(Problem(isvc, "/spec/predictor/model/resources/limits",
+                                f"triton.device is {settings.device!r} in {path.name}: the repository would run "
+                                "the model on the CPU of a GPU pod"))
+    return settings.max_batch_size, f"Triton's wan_stream max_batch_size {settings.max_batch_size} ({path.name})"
+
+
+def _triton_gpu_problems(isvc: Manifest, effective: dict[str, Any], source: str) -> list[Problem]:
+    gpus = as_int(effective["resources"].get("limits", {}).get(GPU_RESOURCE))
+    if gpus and gpus != 1:
+        return [Problem(isvc, "/spec/predictor/model/resources/limits",
+                        f"{GPU_RESOURCE} limit {gpus}, but the Triton repository runs one instance of wan_stream on "
+                        f"GPU 0 (model_store/triton_repo.py, {source}): the other GPUs would sit idle")]
+    return []
+
+
+def _scaling_problems(isvc: Manifest, predictor: dict[str, Any], snapshot: dict[str, Any] | None,
+                      triton_capacity: tuple[int, str] | None = None) -> list[Problem]:
+    """``triton_capacity``: (requests at once, why) on a Triton runtime; TorchServe's otherwise."""
     problems = []
     min_replicas, max_replicas = predictor.get("minReplicas"), predictor.get("maxReplicas")
     if min_replicas is None:
@@ -419,14 +533,17 @@ def _scaling_problems(isvc: Manifest, predictor: dict[str, Any], snapshot: dict[
                                 "it bounds how many GPUs the service may take"))
     concurrency = predictor.get("containerConcurrency")
     capacity = snapshot["maxWorkers"] * snapshot["batchSize"] if snapshot else None
+    runs_at_once = (f"what TorchServe runs at once (maxWorkers x batchSize = {capacity} in "
+                    f"{snapshot['source']})") if snapshot else ""
+    if triton_capacity is not None:
+        capacity, runs_at_once = triton_capacity[0], f"what one pod runs at once ({triton_capacity[1]})"
     if not concurrency:
         problems.append(Problem(isvc, "/spec/predictor/containerConcurrency",
                                 "containerConcurrency must be set (1 for video: one generation per GPU); "
                                 "unset, Knative sends a pod unlimited concurrent requests"))
     elif capacity is not None and concurrency > capacity:
         problems.append(Problem(isvc, "/spec/predictor/containerConcurrency",
-                                f"containerConcurrency {concurrency} exceeds what TorchServe runs at once "
-                                f"(maxWorkers x batchSize = {capacity} in {snapshot['source']}): requests would "
+                                f"containerConcurrency {concurrency} exceeds {runs_at_once}: requests would "
                                 "wait inside the pod, unseen by the autoscaler"))
     timeout = predictor.get("timeout")
     if snapshot is not None:

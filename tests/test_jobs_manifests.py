@@ -254,14 +254,14 @@ CASES = {
     "cancel-token-unshipped-secret": (*RUNTIME, _runtime_env("WAN_CANCEL_TOKEN", valueFrom={"secretKeyRef": {
                                           "name": "wan-data-plane", "key": "token"}}),
                                       CANCEL_TOKEN_AT + "/valueFrom/secretKeyRef",
-                                      "reads Secret 'wan-data-plane', which neither we ship nor an operator creates "
-                                      "in namespace wan"),
+                                      ("reads Secret 'wan-data-plane', which neither we ship nor an operator "
+                                       "creates in namespace wan")),
     "api-without-data-plane-token": ("Deployment", "wan-jobs-api", _without_env("JOBS_DATA_PLANE_TOKEN"),
                                      "/spec/template/spec/containers",
                                      "the API has no JOBS_DATA_PLANE_TOKEN from a Secret"),
     "networkpolicy-blocks-predictors": ("NetworkPolicy", "wan-jobs-api", _predictors_not_admitted, CANCEL_URL_AT,
-                                        "the NetworkPolicies stop the pods of namespace wan reaching wan-jobs-api on "
-                                        "port http: wan-jobs-api (ingress of wan-jobs)"),
+                                        ("the NetworkPolicies stop the pods of namespace wan reaching wan-jobs-api "
+                                         "on port http: wan-jobs-api (ingress of wan-jobs)")),
     # The public cluster's endpoints: HTTPS and a credential from a Secret.
     "public-endpoint-without-credential": ("ConfigMap", "wan-jobs-config", _public_endpoint(token_env=None),
                                            "/data/jobs.yaml models[0].endpoints[1]",

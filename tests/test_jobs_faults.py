@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.harness.jobs import SLOW_JOB, TINY_JOB, JobService, Postgres, jobs_config, wait_for
+from tests.harness.jobs import SLOW_JOB, TINY_JOB, JobService, jobs_config, own_job_service, wait_for
 
 FINISHED = ("completed", "failed", "cancelled")
 
@@ -17,14 +17,9 @@ FINISHED = ("completed", "failed", "cancelled")
 def fault_service(tmp_path, jobs_torchserve):
     """A job service of the test's own (its own Postgres), API and worker as separate processes,
     so that either can be killed."""
-    database = Postgres(tmp_path / "pg")
-    database.start()
-    service = JobService(tmp_path, database, jobs_config(jobs_torchserve), separate_worker=True,
-                         env={"JOBS_MAX_ACTIVE_PER_USER": "20"})
-    service.start()
-    yield service
-    service.stop()
-    database.stop()
+    with own_job_service(tmp_path, jobs_config(jobs_torchserve), separate_worker=True,
+                         env={"JOBS_MAX_ACTIVE_PER_USER": "20"}) as service:
+        yield service
 
 
 def _submit(client: httpx.Client, count: int, job: dict) -> list[str]:

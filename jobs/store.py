@@ -146,13 +146,7 @@ class Store:
 
     async def get(self, video_id: str, user: User) -> dict[str, Any]:
         async with self.pool.connection() as conn:
-            row = await (await conn.execute(
-                "SELECT * FROM video_jobs WHERE id = %s AND (user_name = %s OR %s)",
-                (video_id, user.name, user.is_admin))).fetchone()
-        if row is None:
-            # Another user's job is "not found" too: its existence is not theirs to learn.
-            raise NotFound(f"no video {video_id[:60]!r}", "video_id")
-        return row
+            return await self._visible(conn, video_id, user)
 
     async def queue_position(self, row: dict[str, Any]) -> int | None:
         if row["status"] != "queued":
@@ -181,7 +175,7 @@ class Store:
 
     async def cancel(self, video_id: str, user: User, cancel_queue_job, defer_webhook) -> dict[str, Any]:
         async with self.pool.connection() as conn, conn.transaction():
-            row = await self._lock_visible(conn, video_id, user)
+            row = await self._visible(conn, video_id, user, lock=True)
             if row["status"] in FINISHED:
                 raise Conflict(f"video {video_id} is already {row['status']}; only queued or running videos can be "
                                "cancelled", "video_id", "video_finished")
@@ -196,7 +190,7 @@ class Store:
 
     async def delete(self, video_id: str, user: User, cancel_queue_job) -> dict[str, Any]:
         async with self.pool.connection() as conn, conn.transaction():
-            row = await self._lock_visible(conn, video_id, user)
+            row = await self._visible(conn, video_id, user, lock=True)
             if row["status"] in ACTIVE and row["queue_job_id"] is not None:
                 await cancel_queue_job(conn, row["queue_job_id"])
             await conn.execute("DELETE FROM video_jobs WHERE id = %s", (video_id,))
@@ -234,9 +228,7 @@ class Store:
         be run (cancelled or deleted meanwhile). An attempt left open by a worker that died is
         closed here as interrupted."""
         async with self.pool.connection() as conn, conn.transaction():
-            row = await (await conn.execute(
-                "SELECT * FROM video_jobs WHERE id = %s AND status IN ('queued', 'in_progress') FOR UPDATE",
-                (video_id,))).fetchone()
+            row = await self._lock_active(conn, video_id)
             if row is None:
                 return None
             attempts = list(row["attempts"])
@@ -307,9 +299,7 @@ class Store:
     async def fail(self, video_id: str, error: dict[str, Any], defer_webhook,
                    outcome: str = "failed") -> dict[str, Any] | None:
         async with self.pool.connection() as conn, conn.transaction():
-            row = await (await conn.execute(
-                "SELECT * FROM video_jobs WHERE id = %s AND status IN ('queued', 'in_progress') FOR UPDATE",
-                (video_id,))).fetchone()
+            row = await self._lock_active(conn, video_id)
             if row is None:
                 return None
             row = await self._finish(conn, row, "failed", error=error, result=None, outcome=outcome,
@@ -345,11 +335,22 @@ class Store:
         await self._notify(conn, row["id"], row["model"], "status")
         return row
 
-    async def _lock_visible(self, conn, video_id: str, user: User) -> dict[str, Any]:
+    @staticmethod
+    async def _lock_active(conn, video_id: str) -> dict[str, Any] | None:
+        """The job, locked for this transaction, while it may still run (queued or in progress);
+        None once it finished, was cancelled or deleted."""
+        return await (await conn.execute(
+            "SELECT * FROM video_jobs WHERE id = %s AND status IN ('queued', 'in_progress') FOR UPDATE",
+            (video_id,))).fetchone()
+
+    @staticmethod
+    async def _visible(conn, video_id: str, user: User, lock: bool = False) -> dict[str, Any]:
+        """The job, if ``user`` owns it or is an admin (``lock``: locked for this transaction)."""
         row = await (await conn.execute(
-            "SELECT * FROM video_jobs WHERE id = %s AND (user_name = %s OR %s) FOR UPDATE",
+            "SELECT * FROM video_jobs WHERE id = %s AND (user_name = %s OR %s)" + (" FOR UPDATE" if lock else ""),
             (video_id, user.name, user.is_admin))).fetchone()
         if row is None:
+            # Another user's job is "not found" too: its existence is not theirs to learn.
             raise NotFound(f"no video {video_id[:60]!r}", "video_id")
         return row
 

@@ -96,8 +96,17 @@ class EndpointSlots:
 
     async def run_holding_slot(self, model: ModelEntry, still_wanted, work):
         """Wait for a slot, then ``await work(endpoint)`` while holding it. Returns None without
-        running when the job stops being wanted while it waits."""
-        conn = await self.pool.getconn()
+        running when the job stops being wanted while it waits.
+
+        A slot is a session-level advisory lock, so it lives exactly as long as the connection
+        holding it: that connection is our own, never the pool's, and is closed whatever happens.
+        (A pooled one went back to the pool still holding a lock when the job was cancelled
+        between taking the lock and reading its answer: the slot was then lost for good and every
+        later job of the model waited forever.)"""
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.pool.conninfo, **self.pool.kwargs)
+        except psycopg.OperationalError as e:
+            raise RetryLater(f"database unavailable: {e}") from None
         try:
             while True:
                 for endpoint in model.endpoints:
@@ -107,20 +116,13 @@ class EndpointSlots:
                     for slot in range(endpoint.capacity):
                         got = (await (await conn.execute("SELECT pg_try_advisory_lock(%s, %s) AS ok",
                                                          (key, slot))).fetchone())["ok"]
-                        if not got:
-                            continue
-                        try:
-                            return await work(endpoint)
-                        finally:
-                            try:
-                                await conn.execute("SELECT pg_advisory_unlock(%s, %s)", (key, slot))
-                            except psycopg.Error:
-                                pass  # the connection broke: its locks are gone with it
+                        if got:
+                            return await work(endpoint)  # the slot is released when conn closes
                 if not await still_wanted():
                     return None
                 await asyncio.sleep(SLOT_POLL_S)
         finally:
-            await self.pool.putconn(conn)
+            await conn.close()
 
 
 async def _with_db_retry(what: str, call):

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from handler.config import load_handler_config
+
 
 def run(model_yaml: dict[str, Any], model_dir: Path, requests: list[dict[str, Any]], out: Path,
         frames: bool = False, gpu: bool = False) -> None:
@@ -96,13 +98,14 @@ def main(argv: list[str] | None = None) -> None:
         section[leaf] = yaml.safe_load(value)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gpu = model_yaml.get("deviceType") == "gpu"
+    model_dir = Path(args.model_config).resolve().parent
+    # deviceType as the handler reads it (handler/config.py: the one reader of model-config.yaml).
+    gpu = load_handler_config(model_yaml, model_dir).worker.wants_gpu
     if gpu:
         import torch
 
         gpu = torch.cuda.is_available()
-    run(model_yaml, Path(args.model_config).resolve().parent, json.loads(Path(args.requests).read_text()),
-        out, args.frames, gpu)
+    run(model_yaml, model_dir, json.loads(Path(args.requests).read_text()), out, args.frames, gpu)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,13 @@ are never lost)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import httpx
 import pytest
 
-from tests.harness.jobs import SLOW_JOB, TINY_JOB, JobService, Postgres, jobs_config, wait_for
+from tests.harness.jobs import SLOW_JOB, TINY_JOB, JobService, jobs_config, own_job_service, wait_for
 
 FINISHED = ("completed", "failed", "cancelled")
 
@@ -17,14 +20,9 @@ FINISHED = ("completed", "failed", "cancelled")
 def fault_service(tmp_path, jobs_torchserve):
     """A job service of the test's own (its own Postgres), API and worker as separate processes,
     so that either can be killed."""
-    database = Postgres(tmp_path / "pg")
-    database.start()
-    service = JobService(tmp_path, database, jobs_config(jobs_torchserve), separate_worker=True,
-                         env={"JOBS_MAX_ACTIVE_PER_USER": "20"})
-    service.start()
-    yield service
-    service.stop()
-    database.stop()
+    with own_job_service(tmp_path, jobs_config(jobs_torchserve), separate_worker=True,
+                         env={"JOBS_MAX_ACTIVE_PER_USER": "20"}) as service:
+        yield service
 
 
 def _submit(client: httpx.Client, count: int, job: dict) -> list[str]:
@@ -39,6 +37,16 @@ def _submit(client: httpx.Client, count: int, job: dict) -> list[str]:
 def _running_with_a_step(client: httpx.Client, video_id: str) -> bool:
     video = client.get(f"/v1/videos/{video_id}").json()
     return video["status"] == "in_progress" and (video["step"] or 0) >= 1
+
+
+@contextlib.contextmanager
+def _one_running_two_queued(service: JobService) -> Iterator[tuple[httpx.Client, list[str]]]:
+    """A client and the ids of three jobs: a slow one running (a step done), two small ones queued
+    behind it; the moment each fault strikes."""
+    with service.client(service.new_key("faults")) as client:
+        ids = _submit(client, 1, SLOW_JOB) + _submit(client, 2, TINY_JOB)
+        wait_for(lambda: _running_with_a_step(client, ids[0]), 90, "the first job to run")
+        yield client, ids
 
 
 def _all_finished(service: JobService, client: httpx.Client, ids: list[str], timeout_s: float) -> list[dict]:
@@ -59,10 +67,7 @@ def _assert_sound(videos: list[dict], client: httpx.Client) -> None:
 
 
 def test_worker_killed_mid_job_is_taken_up_again(fault_service):
-    key = fault_service.new_key("faults")
-    with fault_service.client(key) as client:
-        ids = _submit(client, 1, SLOW_JOB) + _submit(client, 2, TINY_JOB)
-        wait_for(lambda: _running_with_a_step(client, ids[0]), 90, "the first job to run")
+    with _one_running_two_queued(fault_service) as (client, ids):
         fault_service.kill_worker()
         # Nothing runs while no worker lives: the job stays in progress, the others queued.
         assert client.get(f"/v1/videos/{ids[1]}").json()["status"] == "queued"
@@ -80,10 +85,7 @@ def test_worker_killed_mid_job_is_taken_up_again(fault_service):
 
 
 def test_api_killed_mid_job_loses_nothing(fault_service):
-    key = fault_service.new_key("faults")
-    with fault_service.client(key) as client:
-        ids = _submit(client, 1, SLOW_JOB) + _submit(client, 2, TINY_JOB)
-        wait_for(lambda: _running_with_a_step(client, ids[0]), 90, "the first job to run")
+    with _one_running_two_queued(fault_service) as (client, ids):
         fault_service.kill_api()
         with pytest.raises(httpx.TransportError):
             client.get(f"/v1/videos/{ids[0]}")
@@ -97,10 +99,7 @@ def test_api_killed_mid_job_loses_nothing(fault_service):
 
 
 def test_postgres_restarted_mid_job(fault_service):
-    key = fault_service.new_key("faults")
-    with fault_service.client(key) as client:
-        ids = _submit(client, 1, SLOW_JOB) + _submit(client, 2, TINY_JOB)
-        wait_for(lambda: _running_with_a_step(client, ids[0]), 90, "the first job to run")
+    with _one_running_two_queued(fault_service) as (client, ids):
         fault_service.database.stop()
         # The API says it is not ready (its database is gone) rather than answering wrongly.
         wait_for(lambda: httpx.get(f"{fault_service.url}/readyz", timeout=10, trust_env=False).status_code == 503,

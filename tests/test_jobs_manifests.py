@@ -16,6 +16,7 @@ import yaml
 from jobs.config import load_settings
 from scripts.manifests import CHECKS, DEFAULT_PATHS, REPO_ROOT, Context, jobs, load_manifests, validate_manifests
 from scripts.manifests.core import Manifest
+from scripts.manifests.kube import network_policies_admit
 
 JOBS_DEPLOY = REPO_ROOT / "jobs" / "deploy"
 
@@ -184,8 +185,95 @@ def _namespace_synced(doc):
     del doc["metadata"]["labels"]["namespace.karmada.io/skip-auto-propagation"]
 
 
+def _runtime_env(name: str, **entry):
+    def change(doc):
+        [env] = [e for e in doc["spec"]["containers"][0]["env"] if e["name"] == name]
+        env.clear()
+        env.update(name=name, **entry)
+    return change
+
+
+def _cancel_url(url: str):
+    return _runtime_env("WAN_CANCEL_URL", value=url)
+
+
+def _without_env(name: str):
+    def change(doc):
+        container(doc)["env"] = [e for e in container(doc)["env"] if e["name"] != name]
+    return change
+
+
+def _literal_env(name: str, value: str):
+    def change(doc):
+        [env] = [e for e in container(doc)["env"] if e["name"] == name]
+        env.pop("valueFrom")
+        env["value"] = value
+    return change
+
+
+def _predictors_not_admitted(doc):
+    doc["spec"]["ingress"] = [r for r in doc["spec"]["ingress"]
+                              if "component" not in str(r["from"][0].get("podSelector"))]
+
+
+def _public_endpoint(**change):
+    def edit(doc):
+        def apply(config):
+            found = endpoint(config, "wan-t2v-a14b", "public-spot")
+            found.update(change)
+            for key in [k for k, v in found.items() if v is None]:
+                del found[key]
+        jobs_yaml(doc, apply)
+    return edit
+
+
+RUNTIME = ("ClusterServingRuntime", "wan-torchserve")
+CANCEL_URL_AT = "/spec/containers/0/env/0"
+CANCEL_TOKEN_AT = "/spec/containers/0/env/1"
+ROUTE = "/internal/v1/videos/{job_id}/wanted"
+
 # (kind, name, change, where, a piece of the message): one mistake each.
 CASES = {
+    # The cancellation check: the predictors' runtime, the API and the NetworkPolicy between them.
+    "cancel-url-container-port": (*RUNTIME, _cancel_url("http://wan-jobs-api.wan-jobs.svc:8000" + ROUTE), CANCEL_URL_AT,
+                                  "port 8000 is not a port of Service wan-jobs-api (it has 80)"),
+    "cancel-url-path": (*RUNTIME, _cancel_url("http://wan-jobs-api.wan-jobs.svc/internal/v1/video/{job_id}/wanted"),
+                        CANCEL_URL_AT, "/internal/v1/video/{job_id}/wanted is not a route of jobs/app.py"),
+    "cancel-url-without-job-id": (*RUNTIME, _cancel_url("http://wan-jobs-api.wan-jobs.svc/internal/v1/videos/wanted"),
+                                  CANCEL_URL_AT, "WAN_CANCEL_URL must be a URL with {job_id} once"),
+    "cancel-url-unknown-service": (*RUNTIME, _cancel_url("http://wan-jobs.wan-jobs.svc" + ROUTE), CANCEL_URL_AT,
+                                   "names Service wan-jobs in wan-jobs, which we do not ship"),
+    "cancel-url-in-clear": (*RUNTIME, _cancel_url("http://jobs.wan.example.com" + ROUTE), CANCEL_URL_AT,
+                            "the token would cross the network in clear"),
+    "cancel-token-literal": (*RUNTIME, _runtime_env("WAN_CANCEL_TOKEN", value="not-a-secret"), CANCEL_TOKEN_AT,
+                             "WAN_CANCEL_TOKEN must come from a Secret by secretKeyRef"),
+    "cancel-token-other-secret": (*RUNTIME, _runtime_env("WAN_CANCEL_TOKEN", valueFrom={"secretKeyRef": {
+                                      "name": "wan-s3-credentials", "key": "token", "optional": True}}),
+                                  CANCEL_TOKEN_AT + "/valueFrom/secretKeyRef",
+                                  "one name and key in both namespaces, created from one value"),
+    "cancel-token-unshipped-secret": (*RUNTIME, _runtime_env("WAN_CANCEL_TOKEN", valueFrom={"secretKeyRef": {
+                                          "name": "wan-data-plane", "key": "token"}}),
+                                      CANCEL_TOKEN_AT + "/valueFrom/secretKeyRef",
+                                      ("reads Secret 'wan-data-plane', which neither we ship nor an operator "
+                                       "creates in namespace wan")),
+    "api-without-data-plane-token": ("Deployment", "wan-jobs-api", _without_env("JOBS_DATA_PLANE_TOKEN"),
+                                     "/spec/template/spec/containers",
+                                     "the API has no JOBS_DATA_PLANE_TOKEN from a Secret"),
+    "networkpolicy-blocks-predictors": ("NetworkPolicy", "wan-jobs-api", _predictors_not_admitted, CANCEL_URL_AT,
+                                        ("the NetworkPolicies stop the pods of namespace wan reaching wan-jobs-api "
+                                         "on port http: wan-jobs-api (ingress of wan-jobs)")),
+    # The public cluster's endpoints: HTTPS and a credential from a Secret.
+    "public-endpoint-without-credential": ("ConfigMap", "wan-jobs-config", _public_endpoint(token_env=None),
+                                           "/data/jobs.yaml models[0].endpoints[1]",
+                                           "is beyond the cluster and the endpoint has no credential"),
+    "public-endpoint-in-clear": ("ConfigMap", "wan-jobs-config",
+                                 _public_endpoint(url="http://wan-t2v-a14b.wan.public.wan.example.com"),
+                                 "/data/jobs.yaml models[0].endpoints[1]", "use https, not http"),
+    "worker-without-public-token": ("Deployment", "wan-jobs-worker", _without_env("WAN_PUBLIC_SPOT_TOKEN"),
+                                    "/spec/template/spec/containers/0/env", "WAN_PUBLIC_SPOT_TOKEN is not set"),
+    "worker-public-token-literal": ("Deployment", "wan-jobs-worker", _literal_env("WAN_PUBLIC_SPOT_TOKEN", "abc"),
+                                    "/spec/template/spec/containers/0/env/2",
+                                    "WAN_PUBLIC_SPOT_TOKEN must come from a Secret"),
     "secret-name-typo": ("Deployment", "wan-jobs-api", _database_secret_ref("name", "wan-jobs-db-ap"),
                          "/spec/template/spec/containers/0/env/1/valueFrom/secretKeyRef",
                          "reads Secret 'wan-jobs-db-ap', which neither we ship nor an operator creates"),
@@ -257,3 +345,16 @@ def test_the_api_routes_are_read_from_the_source():
     routes = jobs.api_routes(REPO_ROOT)
     assert {jobs.LIVENESS_PATH, jobs.READINESS_PATH, jobs.METRICS_PATH, "/v1/videos"} <= routes
     assert jobs.api_routes(Path("/nonexistent")) is None
+
+
+def test_the_network_policies_admit_the_predictors_and_nobody_else(shipped):
+    """The API's NetworkPolicy, read as a CNI would: predictor pods of namespace wan reach the API's
+    port, other pods of wan and predictors of other namespaces do not."""
+    api = find(shipped, "Deployment", "wan-jobs-api")
+    target = ("wan-jobs", api.doc["spec"]["template"]["metadata"]["labels"])
+    predictor = {"component": "predictor", "serving.kserve.io/inferenceservice": "wan-ti2v-5b"}
+    assert network_policies_admit(shipped, ("wan", predictor), target, 8000, "http") == []
+    assert network_policies_admit(shipped, ("wan", {"app": "other"}), target, 8000, "http") == \
+        ["wan-jobs-api (ingress of wan-jobs)"]
+    assert network_policies_admit(shipped, ("default", predictor), target, 8000, "http") != []
+    assert network_policies_admit(shipped, ("wan", predictor), target, 5432, None) != []

@@ -53,6 +53,14 @@ metadata:
     serving.kserve.io/s3-region: us-east-1
 type: Opaque
 ---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: wan-jobs-data-plane
+  namespace: wan
+  labels: {app.kubernetes.io/name: wan}
+type: Opaque
+---
 apiVersion: serving.kserve.io/v1alpha1
 kind: ClusterServingRuntime
 metadata:
@@ -68,6 +76,12 @@ spec:
       ports:
         - containerPort: 8085
           protocol: TCP
+      env:
+        - name: WAN_CANCEL_URL
+          value: http://wan-jobs-api.wan-jobs.svc:80/internal/v1/videos/{job_id}/wanted
+        - name: WAN_CANCEL_TOKEN
+          valueFrom:
+            secretKeyRef: {name: wan-jobs-data-plane, key: token, optional: true}
 """
 ISVC_TEMPLATE = """
 ---

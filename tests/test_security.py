@@ -47,7 +47,9 @@ ISVC_FILES = ["kserve/inferenceservice-ti2v-5b.yaml", "kserve/inferenceservice-t
 
 # Every finding checkov may report, by file, with the reason accepted at its source. Anything else
 # fails the suite; a new acceptance is a deliberate change here and a reason there.
-PREDICTOR_POD_ACCEPTED = {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_40", "CKV2_K8S_6"}
+# The predictors: a release tag, IfNotPresent, uid 1000, Knative's path, and the job service's
+# data-plane token as WAN_CANCEL_TOKEN (the handler reads it from the env) by secretKeyRef.
+PREDICTOR_POD_ACCEPTED = {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_40", "CKV2_K8S_6", "CKV_K8S_35"}
 # The job service's workloads (jobs/deploy/): a release tag, IfNotPresent, and the database URL
 # from CloudNativePG's Secret as an env var (the job service reads JOBS_DATABASE_URL); the worker
 # also has no probes (it serves nothing, and an HTTP probe would only reach its metrics thread).

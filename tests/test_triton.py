@@ -175,6 +175,22 @@ def _cancelled_at(log_file, request_id: str) -> tuple[int, int]:
 
 
 LONG = dict(BODY, width=256, height=256, num_frames=33, num_inference_steps=20, stream=True)
+# How the server logs a cancelled LONG request (the step it stopped at).
+_CANCELLED = re.compile(r"cancelled by the client after step (\d+) of 20")
+
+
+def _cancellations(log_file) -> list[str]:
+    return _CANCELLED.findall(log_file.read_text(errors="replace"))
+
+
+def _next_cancellation(log_file, before: int) -> list[str]:
+    """The log's cancellations once there is one more than ``before`` (30 s at most)."""
+    deadline = time.monotonic() + 30
+    steps = _cancellations(log_file)
+    while time.monotonic() < deadline and len(steps) <= before:
+        time.sleep(0.2)
+        steps = _cancellations(log_file)
+    return steps
 
 
 def test_a_cancelled_grpc_stream_stops_the_generation_within_a_step(triton, grpc):
@@ -189,17 +205,12 @@ def test_a_cancelled_grpc_stream_stops_the_generation_within_a_step(triton, grpc
 
 def test_a_closed_generate_stream_stops_the_generation_within_a_step(triton):
     url = f"{triton.http_url}/v2/models/wan_stream/generate_stream"
-    pattern = re.compile(r"cancelled by the client after step (\d+) of 20")
-    before = len(pattern.findall(triton.log_file.read_text(errors="replace")))
+    before = len(_cancellations(triton.log_file))
     with _session().post(url, json={"request": json.dumps(LONG)}, stream=True, timeout=120) as response:
         for line in response.iter_lines():
             if line.startswith(b"data: ") and json.loads(json.loads(line[6:])["response"])["step"] == 2:
                 break  # closing the connection cancels the request
-    deadline = time.monotonic() + 30
-    steps = []
-    while time.monotonic() < deadline and len(steps) <= before:
-        time.sleep(0.2)
-        steps = pattern.findall(triton.log_file.read_text(errors="replace"))
+    steps = _next_cancellation(triton.log_file, before)
     assert len(steps) == before + 1 and 2 <= int(steps[-1]) <= 4
 
 
@@ -254,19 +265,14 @@ def test_the_job_services_client_reads_tritons_400(triton):
 def test_the_job_services_cancel_stops_the_triton_generation_within_a_step(triton):
     from jobs.dataplane import Stopped
 
-    pattern = re.compile(r"cancelled by the client after step (\d+) of 20")
-    before = len(pattern.findall(triton.log_file.read_text(errors="replace")))
+    before = len(_cancellations(triton.log_file))
 
     async def on_progress(step, total, elapsed_s):
         return step < 2  # the job was cancelled while its second step ran
 
     with pytest.raises(Stopped):
         _job(triton, LONG, on_progress)
-    deadline = time.monotonic() + 30
-    steps = []
-    while time.monotonic() < deadline and len(steps) <= before:
-        time.sleep(0.2)
-        steps = pattern.findall(triton.log_file.read_text(errors="replace"))
+    steps = _next_cancellation(triton.log_file, before)
     assert len(steps) == before + 1 and 2 <= int(steps[-1]) <= 4
 
 

@@ -18,6 +18,14 @@ job service's own configuration.
   ``IMAGE_CONFIG_DIR``); an endpoint at an InferenceService's cluster-local address names one we
   ship, of the model's variant, asks no more in flight than the service runs at once
   (maxReplicas x containerConcurrency) and waits at least the service's timeout.
+- Endpoints beyond the cluster (the public cluster's ingress) are reached over HTTPS with a
+  credential (``token_env`` or ``key_file``); every ``token_env`` is set in each worker that reads
+  the config, from a Secret (a token never appears in a manifest).
+- The cancellation check: a pod with ``WAN_CANCEL_URL`` (the TorchServe predictors, through their
+  runtime) asks a route of jobs/app.py (``{job_id}`` in its path) at a port of a Service we ship
+  that selects the API; ``WAN_CANCEL_TOKEN`` comes from the Secret, by name and key, that the API
+  reads as ``JOBS_DATA_PLANE_TOKEN`` (one value under one name in both namespaces); and the
+  NetworkPolicies of both ends let the connection through.
 - Private only (when Karmada's policies are among the manifests): every object of the job
   service's namespace, its database first, is placed by a policy that can choose private
   clusters only; its Namespace skips Karmada's namespace sync (which would create it on every
@@ -35,8 +43,16 @@ from urllib.parse import urlsplit
 import yaml
 
 from scripts.manifests.context import Context
-from scripts.manifests.core import Manifest, Problem, of_kind
-from scripts.manifests.kube import INFERENCE_SERVICE, as_int, pod_specs
+from scripts.manifests.core import Manifest, Problem, dedupe, of_kind
+from scripts.manifests.kube import (
+    INFERENCE_SERVICE,
+    as_int,
+    named_container,
+    network_policies_admit,
+    pod_specs,
+    render_predictor_pod,
+    runtime_of,
+)
 
 CNPG_CLUSTER = ("postgresql.cnpg.io/v1", "Cluster")
 SCALED_OBJECT = ("keda.sh/v1alpha1", "ScaledObject")
@@ -53,6 +69,12 @@ TIER_LABEL, PRIVATE_TIER = "wan.serving/tier", "private"
 # Karmada's namespace sync creates every namespace on every member cluster unless it carries this.
 SKIP_NAMESPACE_SYNC = "namespace.karmada.io/skip-auto-propagation"
 _CLUSTER_LOCAL = re.compile(r"^(?P<name>[a-z0-9-]+)\.(?P<namespace>[a-z0-9-]+)\.svc\.cluster\.local$")
+# A Service's in-cluster name, short or full.
+SERVICE_HOST = re.compile(r"^(?P<name>[a-z0-9-]+)\.(?P<namespace>[a-z0-9-]+)\.svc(\.cluster\.local)?$")
+# The handler's cancellation check (handler side: WAN_CANCEL_URL with {job_id}, WAN_CANCEL_TOKEN)
+# and the job service's side of it (jobs/config.py: JOBS_DATA_PLANE_TOKEN).
+CANCEL_URL_ENV, CANCEL_TOKEN_ENV, JOB_ID_PLACEHOLDER = "WAN_CANCEL_URL", "WAN_CANCEL_TOKEN", "{job_id}"
+DATA_PLANE_TOKEN_ENV = "JOBS_DATA_PLANE_TOKEN"
 
 
 def jobs_command(container: dict[str, Any]) -> tuple[str | None, list[str]]:
@@ -72,6 +94,23 @@ def _option(args: list[str], name: str) -> str | None:
         if word.startswith(name + "="):
             return word.split("=", 1)[1]
     return None
+
+
+def _env(container: dict[str, Any], name: str) -> tuple[int, dict[str, Any]] | None:
+    """(index, entry) of the env variable ``name`` of a container."""
+    return next(((i, e) for i, e in enumerate(container.get("env") or []) if isinstance(e, dict)
+                 and e.get("name") == name), None)
+
+
+def _secret_ref(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    ref = ((entry or {}).get("valueFrom") or {}).get("secretKeyRef")
+    return ref if isinstance(ref, dict) else None
+
+
+def in_cluster(host: str) -> bool:
+    """A host the cluster's DNS answers: a Service name (``name.namespace.svc[.cluster.local]``,
+    Knative's cluster-local addresses among them) or a bare name."""
+    return bool(SERVICE_HOST.match(host)) or ("." not in host and bool(host))
 
 
 def _containers(manifests: list[Manifest]):
@@ -119,14 +158,17 @@ def _provided_secrets(manifests: list[Manifest]) -> dict[tuple[str | None, str],
 
 
 def _secret_problem(manifest: Manifest, where: str, name: Any, key: Any,
-                    provided: dict[tuple[str | None, str], set[str] | None]) -> list[Problem]:
-    if (manifest.namespace, name) not in provided:
-        clusters = sorted(n.removesuffix("-app") for (ns, n) in provided if ns == manifest.namespace
+                    provided: dict[tuple[str | None, str], set[str] | None],
+                    namespace: str | None = None) -> list[Problem]:
+    """``namespace``: the reading pod's, when ``manifest`` is not in it (a cluster-scoped runtime)."""
+    namespace = namespace or manifest.namespace
+    if (namespace, name) not in provided:
+        clusters = sorted(n.removesuffix("-app") for (ns, n) in provided if ns == namespace
                           and n.endswith("-app"))
         hint = f" (a CloudNativePG Cluster here creates {', '.join(c + '-app' for c in clusters)})" if clusters else ""
         return [Problem(manifest, where, f"reads Secret {name!r}, which neither we ship nor an operator creates in "
-                                         f"namespace {manifest.namespace}{hint}")]
-    keys = provided[(manifest.namespace, name)]
+                                         f"namespace {namespace}{hint}")]
+    keys = provided[(namespace, name)]
     if key is not None and keys is not None and key not in keys:
         return [Problem(manifest, where, f"Secret {name!r} has no key {key!r} (it has {', '.join(sorted(keys))})")]
     return []
@@ -314,6 +356,8 @@ def check_jobs_config(context: Context) -> list[Problem]:
             continue
         config, found = _jobs_config(workload, pod, container, manifests, f"{pod_path}/{container_path}")
         problems += found
+        if jobs_command(container)[0] == "worker":
+            problems += _token_env_problems(workload, f"{pod_path}/{container_path}", container, config)
         key = yaml.safe_dump(config)
         if config is None or key in seen:
             continue
@@ -334,12 +378,41 @@ def check_jobs_config(context: Context) -> list[Problem]:
     return problems
 
 
+def _token_env_problems(worker: Manifest, where: str, container: dict[str, Any],
+                        config: dict[str, Any] | None) -> list[Problem]:
+    """Each endpoint's token_env is in the worker's env, from a Secret."""
+    problems = []
+    names = sorted({str(e["token_env"]) for m in (config or {}).get("models") or []
+                    for e in m.get("endpoints") or [] if e.get("token_env")})
+    for name in names:
+        found = _env(container, name)
+        if found is None:
+            problems.append(Problem(worker, f"{where}/env", f"{name} is not set: the endpoints with token_env {name} "
+                                                            "would be called without a credential"))
+        elif _secret_ref(found[1]) is None:
+            problems.append(Problem(worker, f"{where}/env/{found[0]}", f"{name} must come from a Secret "
+                                                                       "(valueFrom.secretKeyRef): a token in a "
+                                                                       "manifest is a token in git"))
+    return problems
+
+
 def _endpoint_problems(config_map: Manifest, where: str, model: dict[str, Any], endpoint: dict[str, Any],
                        services: dict[tuple[str | None, str], Manifest]) -> list[Problem]:
-    host = urlsplit(str(endpoint.get("url", ""))).hostname or ""
+    url = urlsplit(str(endpoint.get("url", "")))
+    host = url.hostname or ""
+    if not in_cluster(host):
+        # Another cluster's ingress, over the network: nothing here to compare it with, but it
+        # must not be reachable by anyone nor read in clear.
+        problems = []
+        if url.scheme != "https":
+            problems.append(Problem(config_map, where, f"{host} is beyond the cluster: use https, not {url.scheme}"))
+        if not (endpoint.get("token_env") or endpoint.get("key_file")):
+            problems.append(Problem(config_map, where, f"{host} is beyond the cluster and the endpoint has no "
+                                                       "credential: set token_env (the worker's env, from a Secret)"))
+        return problems
     match = _CLUSTER_LOCAL.match(host)
     if not match:
-        return []  # another cluster's ingress, or a plain URL: nothing here to compare it with
+        return []  # a plain Service: no InferenceService to compare it with
     isvc = services.get((match["namespace"], match["name"]))
     if isvc is None:
         return [Problem(config_map, where, f"{host} is no InferenceService we ship "
@@ -361,6 +434,130 @@ def _endpoint_problems(config_map: Manifest, where: str, model: dict[str, Any], 
                                                    f"{isvc.name}'s timeout {timeout} s: the worker would give up on "
                                                    "a generation the model still runs"))
     return problems
+
+
+# -- the cancellation check ---------------------------------------------------------------------
+
+
+def _cancel_checkers(manifests: list[Manifest]):
+    """(manifest to blame, path of the container there, namespace, pod labels, container) of every
+    pod that runs the cancellation check: workloads, and the predictor pods KServe builds (blamed
+    on the runtime when the variable comes from it)."""
+    for workload, pod_path, _, container_path, container in _containers(manifests):
+        if _env(container, CANCEL_URL_ENV) is not None:
+            labels = workload.get("spec", "template", "metadata", "labels", default={}) or {}
+            yield workload, f"{pod_path}/{container_path}", workload.namespace, labels, container
+    for isvc in manifests:
+        if (isvc.api_version, isvc.kind) != INFERENCE_SERVICE:
+            continue
+        runtime = runtime_of(manifests, isvc)
+        pod = render_predictor_pod(isvc.doc, runtime.doc if runtime is not None else None)
+        found = named_container(pod["spec"].get("containers") or [])
+        if found is None or _env(found[1], CANCEL_URL_ENV) is None:
+            continue
+        own = named_container(runtime.get("spec", "containers", default=[]) or []) if runtime is not None else None
+        if own is not None and _env(own[1], CANCEL_URL_ENV) is not None:
+            blame, where = runtime, f"/spec/containers/{own[0]}"
+        else:
+            blame, where = isvc, "/spec/predictor/model"
+        yield blame, where, isvc.namespace, pod["metadata"]["labels"], found[1]
+
+
+def _route_pattern(route: str) -> re.Pattern[str]:
+    return re.compile(re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(route)))
+
+
+def _api_behind(service: Manifest, manifests: list[Manifest]):
+    """(workload, container) of each job service API (``python -m jobs serve``) ``service`` selects."""
+    for workload, _, _, _, container in _containers(manifests):
+        if jobs_command(container)[0] == "serve" and service in _selected_by_service(workload, manifests):
+            yield workload, container
+
+
+def _target_port(service_port: dict[str, Any], container: dict[str, Any]) -> tuple[int | None, str | None]:
+    target = service_port.get("targetPort", service_port.get("port"))
+    for port in container.get("ports") or []:
+        if isinstance(port, dict) and (port.get("name") == target or port.get("containerPort") == as_int(target)):
+            return port.get("containerPort"), port.get("name")
+    return as_int(target), None
+
+
+def check_cancel_wiring(context: Context) -> list[Problem]:
+    manifests = context.manifests
+    provided = _provided_secrets(manifests)
+    routes = None
+    problems: list[Problem] = []
+    for blame, where, namespace, labels, container in _cancel_checkers(manifests):
+        url_at, url_entry = _env(container, CANCEL_URL_ENV)
+        url_where = f"{where}/env/{url_at}"
+        template = url_entry.get("value")
+        if not isinstance(template, str) or template.count(JOB_ID_PLACEHOLDER) != 1:
+            problems.append(Problem(blame, url_where, f"{CANCEL_URL_ENV} must be a URL with {JOB_ID_PLACEHOLDER} once "
+                                                      "in its path (the handler puts the job's id there)"))
+            continue
+        token = _env(container, CANCEL_TOKEN_ENV)
+        token_ref = _secret_ref(token[1]) if token else None
+        if token_ref is None:
+            problems.append(Problem(blame, f"{where}/env/{token[0]}" if token else f"{where}/env",
+                                    f"{CANCEL_TOKEN_ENV} must come from a Secret by secretKeyRef (the job service's "
+                                    f"data-plane token): without it every check answers 401"))
+        else:
+            problems += _secret_problem(blame, f"{where}/env/{token[0]}/valueFrom/secretKeyRef", token_ref.get("name"),
+                                        token_ref.get("key"), provided, namespace)
+        url = urlsplit(template)
+        match = SERVICE_HOST.match(url.hostname or "")
+        if not match:
+            if url.scheme != "https":
+                problems.append(Problem(blame, url_where, f"{url.hostname} is beyond the cluster: the token would "
+                                                          f"cross the network in clear; use https"))
+            continue
+        service = next((s for s in of_kind(manifests, "Service") if (s.namespace, s.name) ==
+                        (match["namespace"], match["name"])), None)
+        if service is None and job_service_namespaces(manifests):
+            problems.append(Problem(blame, url_where, f"{CANCEL_URL_ENV} names Service {match['name']} in "
+                                                      f"{match['namespace']}, which we do not ship"))
+        if service is None:
+            continue  # kserve/ alone (no job service among these manifests): checked where it is
+        port = url.port or (443 if url.scheme == "https" else 80)
+        service_port = next((p for p in service.get("spec", "ports", default=[]) or [] if p.get("port") == port), None)
+        if service_port is None:
+            ports = ", ".join(str(p.get("port")) for p in service.get("spec", "ports", default=[]) or [])
+            problems.append(Problem(blame, url_where, f"port {port} is not a port of Service {service.name} "
+                                                      f"(it has {ports})"))
+            continue
+        apis = list(_api_behind(service, manifests))
+        if not apis:
+            problems.append(Problem(blame, url_where, f"Service {service.name} selects no job service API "
+                                                      "(python -m jobs serve)"))
+            continue
+        routes = api_routes(context.repo_root) if routes is None else routes
+        path = url.path.replace(JOB_ID_PLACEHOLDER, "vid_0")
+        if routes is not None and not any(_route_pattern(r).fullmatch(path) for r in routes):
+            problems.append(Problem(blame, url_where, f"{url.path} is not a route of {API_SOURCE}"))
+        for api, api_container in apis:
+            api_token = _env(api_container, DATA_PLANE_TOKEN_ENV)
+            api_ref = _secret_ref(api_token[1]) if api_token else None
+            if api_ref is None:
+                problems.append(Problem(api, "/spec/template/spec/containers", f"the API has no {DATA_PLANE_TOKEN_ENV} "
+                                                                               "from a Secret: the route the "
+                                                                               "predictors ask answers 404"))
+            elif token_ref is not None and (api_ref.get("name"), api_ref.get("key")) != (token_ref.get("name"),
+                                                                                          token_ref.get("key")):
+                problems.append(Problem(blame, f"{where}/env/{token[0]}/valueFrom/secretKeyRef",
+                                        f"{CANCEL_TOKEN_ENV} reads Secret {token_ref.get('name')} key "
+                                        f"{token_ref.get('key')}, the API's {DATA_PLANE_TOKEN_ENV} Secret "
+                                        f"{api_ref.get('name')} key {api_ref.get('key')}: one name and key in both "
+                                        "namespaces, created from one value"))
+            api_labels = api.get("spec", "template", "metadata", "labels", default={}) or {}
+            number, name = _target_port(service_port, api_container)
+            if number is None:
+                continue
+            blocked = network_policies_admit(manifests, (namespace, labels), (api.namespace, api_labels), number, name)
+            if blocked:
+                problems.append(Problem(blame, url_where, f"the NetworkPolicies stop the pods of namespace {namespace} "
+                                                          f"reaching {api.name} on port {name or number}: "
+                                                          f"{', '.join(blocked)}"))
+    return dedupe(problems)
 
 
 # -- placement: private clusters only -------------------------------------------------------------
@@ -404,4 +601,5 @@ def check_private_only(context: Context) -> list[Problem]:
     return problems
 
 
-CHECKS = [check_secret_references, check_api_and_worker, check_scaled_objects, check_jobs_config, check_private_only]
+CHECKS = [check_secret_references, check_api_and_worker, check_scaled_objects, check_jobs_config, check_cancel_wiring,
+          check_private_only]

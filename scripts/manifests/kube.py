@@ -147,6 +147,90 @@ def quantity(value: Any) -> Fraction | None:
         return None
 
 
+# -- label selectors and NetworkPolicies ----------------------------------------------------------
+
+
+def label_selector_matches(selector: dict[str, Any] | None, labels: dict[str, str] | None) -> bool:
+    """metav1.LabelSelector semantics (an empty selector matches everything)."""
+    labels = labels or {}
+    selector = selector or {}
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != str(value):
+            return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator = expression.get("key"), expression.get("operator")
+        values = [str(v) for v in expression.get("values") or []]
+        if operator == "In" and labels.get(key) not in values:
+            return False
+        if operator == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if operator == "Exists" and key not in labels:
+            return False
+        if operator == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def namespace_labels(manifests: Iterable[Manifest], namespace: str) -> dict[str, str]:
+    """A namespace's labels as selectors see them: those of the Namespace we ship, plus the
+    ``kubernetes.io/metadata.name`` label the API server sets on every namespace."""
+    shipped = next((m for m in manifests if (m.api_version, m.kind, m.name) == ("v1", "Namespace", namespace)), None)
+    labels = dict((shipped.get("metadata", "labels", default={}) or {}) if shipped is not None else {})
+    return {**labels, "kubernetes.io/metadata.name": namespace}
+
+
+def _port_matches(rule_ports: list[Any] | None, port: int, port_name: str | None) -> bool:
+    if not rule_ports:
+        return True  # no ports: every port
+    for item in rule_ports:
+        if (item.get("protocol") or "TCP") != "TCP":
+            continue
+        wanted = item.get("port")
+        if wanted is None or wanted == port or (port_name is not None and wanted == port_name):
+            return True
+        end = item.get("endPort")
+        if isinstance(wanted, int) and isinstance(end, int) and wanted <= port <= end:
+            return True
+    return False
+
+
+def _peer_matches(peer: dict[str, Any], own_namespace: str, other_namespace: str, other_labels: dict[str, str],
+                  manifests: list[Manifest]) -> bool:
+    if "ipBlock" in peer:
+        return False  # pod addresses are not known offline: an ipBlock never vouches for a pod
+    if "namespaceSelector" in peer:
+        if not label_selector_matches(peer["namespaceSelector"], namespace_labels(manifests, other_namespace)):
+            return False
+    elif other_namespace != own_namespace:
+        return False  # a podSelector alone selects pods of the policy's own namespace
+    return "podSelector" not in peer or label_selector_matches(peer["podSelector"], other_labels)
+
+
+def network_policies_admit(manifests: list[Manifest], source: tuple[str, dict[str, str]],
+                           target: tuple[str, dict[str, str]], port: int, port_name: str | None = None) -> list[str]:
+    """Why the NetworkPolicies among ``manifests`` stop a TCP connection from the pod ``source``
+    (namespace, labels) to ``port`` (named ``port_name`` in the target container) of the pod
+    ``target``: the names of the policies that isolate either end and admit nothing of this
+    connection; empty when it passes. Policies are additive: one that admits is enough on each side."""
+    blocked = []
+    for direction, (namespace, labels), (other_ns, other_labels), peers_key in (
+            ("Ingress", target, source, "from"), ("Egress", source, target, "to")):
+        isolating = [p for p in manifests if (p.api_version, p.kind) == ("networking.k8s.io/v1", "NetworkPolicy")
+                     and p.namespace == namespace
+                     and label_selector_matches(p.get("spec", "podSelector", default={}), labels)
+                     and direction in (p.get("spec", "policyTypes", default=None)
+                                       or (["Ingress", "Egress"] if p.get("spec", "egress") is not None
+                                           else ["Ingress"]))]
+        admitted = any(
+            _port_matches(rule.get("ports"), port, port_name)
+            and (not rule.get(peers_key) or any(_peer_matches(peer, namespace, other_ns, other_labels, manifests)
+                                                for peer in rule[peers_key]))
+            for policy in isolating for rule in policy.get("spec", direction.lower(), default=[]) or [])
+        if isolating and not admitted:
+            blocked += [f"{policy.name} ({direction.lower()} of {namespace})" for policy in isolating]
+    return blocked
+
+
 # -- the serving runtime and the predictor pod ----------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import requests
 import yaml
 
+from handler.request import FIELDS
 from scripts.serve import REPO_ROOT, local_session
 from tests.harness.faults import next_request
 from tests.harness.load import stats
@@ -119,10 +120,6 @@ def _dump(value: Any) -> str:
     for index, token in enumerate(tokens):
         text = text.replace(f'"@@RAW{index}@@"', token, 1)
     return text
-
-
-FIELDS = ("prompt", "negative_prompt", "image", "width", "height", "num_frames", "fps", "num_inference_steps",
-          "guidance_scale", "guidance_scale_2", "seed", "output", "stream")
 
 
 class BodyFuzzer:

@@ -4,6 +4,7 @@ them; in front of a real TorchServe on the tiny model (tests/conftest.py's jobs_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -140,6 +141,24 @@ class JobService:
 
         wait_for(finished, timeout_s, f"job {video_id} to finish (last: {video.get('status')})", interval=0.2)
         return video
+
+
+@contextlib.contextmanager
+def own_job_service(root: Path, config: dict, database_dir: Path | None = None, **options) -> Iterator[JobService]:
+    """A JobService (``options``: its env, separate_worker) on a PostgreSQL of its own under
+    ``root``, both started; both stopped on the way out, also when starting fails. For the tests
+    that must not share the session's service (their own settings, faults) and the load harness."""
+    database = Postgres(database_dir or root / "pg")
+    database.start()
+    try:
+        service = JobService(root, database, config, **options)
+        try:
+            service.start()
+            yield service
+        finally:
+            service.stop()
+    finally:
+        database.stop()
 
 
 def wait_for(condition, timeout_s: float, what: str, interval: float = 0.3) -> None:

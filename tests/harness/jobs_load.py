@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import httpx
 import psycopg
 
-from tests.harness.jobs import TINY_JOB, JobService, Postgres, jobs_config, wait_for
+from tests.harness.jobs import TINY_JOB, JobService, jobs_config, own_job_service, wait_for
 
 FINISHED = ("completed", "failed", "cancelled")
 
@@ -146,17 +146,12 @@ def main(argv: list[str] | None = None) -> None:
         # TorchServe as `make serve` runs it: the tiny model, one worker (the endpoint's capacity 1).
         layout = isolated_layout(root / "torchserve")
         start(layout, timeout_s=300, isolated=True)
-        database = Postgres(root / "pg" / "data")
-        database.start()
         (root / "jobs").mkdir()
-        service = JobService(root / "jobs", database, jobs_config(SimpleNamespace(layout=layout)),
-                             env={"JOBS_MAX_ACTIVE_PER_USER": str(args.jobs)})
         try:
-            service.start()
-            figures = run_load(service, args.jobs, args.clients)
+            with own_job_service(root / "jobs", jobs_config(SimpleNamespace(layout=layout)), root / "pg" / "data",
+                                 env={"JOBS_MAX_ACTIVE_PER_USER": str(args.jobs)}) as service:
+                figures = run_load(service, args.jobs, args.clients)
         finally:
-            service.stop()
-            database.stop()
             stop(layout)
     record = {
         "command": "python -m tests.harness.jobs_load " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -12,11 +12,13 @@ from __future__ import annotations
 import copy
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 
 from scripts.manifests.context import Context
 from scripts.manifests.core import Manifest, Problem, dedupe
+from scripts.manifests.jobs import CANCEL_URL_ENV, SERVICE_HOST
 from scripts.manifests.karmada.clusters import Cluster, cluster_matches, taint_text, untolerated
 from scripts.manifests.karmada.lua import (
     ENTRY_POINTS,
@@ -438,13 +440,38 @@ def check_interpreted_services(context: Context) -> list[Problem]:
     return problems
 
 
-def _image_in(world: World, doc: dict[str, Any], runtime: Manifest | None, cluster: Cluster) -> str | None:
-    """The model container's image of the predictor pod, from the service and its runtime as
-    ``cluster`` gets them."""
+def _model_container_in(world: World, doc: dict[str, Any], runtime: Manifest | None,
+                        cluster: Cluster) -> dict[str, Any]:
+    """The model container of the predictor pod, from the service and its runtime as ``cluster``
+    gets them."""
     runtime_doc = effective(world, runtime, cluster)[0] if runtime is not None else None
     pod = render_predictor_pod(doc, runtime_doc)
     found = named_container((pod.get("spec") or {}).get("containers") or [])
-    return found[1].get("image") if found else None
+    return found[1] if found else {}
+
+
+def _env_problems(world: World, obj: Manifest, container: dict[str, Any], cluster: Cluster) -> list[Problem]:
+    """What the model container's env needs in ``cluster``: the Secrets it must read (optional ones
+    aside) are placed there, and the job service the cancellation check asks runs there."""
+    problems = []
+    where = f"{describe(obj)} in {cluster.name}"
+    for entry in container.get("env") or []:
+        ref = ((entry or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+        if ref.get("name") and not ref.get("optional"):
+            secret = world.find("v1", "Secret", obj.namespace, ref["name"])
+            if secret is not None and not world.reaches(secret, cluster.name, carried_by=obj):
+                problems.append(Problem(obj, "/spec/predictor", f"{where}: env {entry.get('name')} reads Secret "
+                                                                f"{ref['name']}, which never gets to {cluster.name}"))
+        if (entry or {}).get("name") == CANCEL_URL_ENV:
+            match = SERVICE_HOST.match(urlsplit(str(entry.get("value", ""))).hostname or "")
+            service = world.find("v1", "Service", match["namespace"], match["name"]) if match else None
+            if service is not None and not world.reaches(service, cluster.name):
+                problems.append(Problem(obj, "/spec/predictor",
+                                        f"{where}: {CANCEL_URL_ENV} asks Service {match['namespace']}/"
+                                        f"{match['name']}, which is never placed in {cluster.name}: every "
+                                        f"cancellation check there would fail; remove it for that cluster "
+                                        f"(an override of the runtime's env)"))
+    return problems
 
 
 def check_services_runnable(context: Context) -> list[Problem]:
@@ -484,7 +511,9 @@ def _runnable_in(world: World, obj: Manifest, doc: dict[str, Any], cluster: Clus
     elif runtime is not None and not world.reaches(runtime, cluster.name, carried_by=obj):
         problems.append(Problem(obj, "/spec/predictor/model/runtime",
                                 f"{where}: runtime {describe(runtime)} is never placed in {cluster.name}"))
-    image = _image_in(world, doc, runtime, cluster)
+    container = _model_container_in(world, doc, runtime, cluster)
+    problems.extend(_env_problems(world, obj, container, cluster))
+    image = container.get("image")
     if image:
         registry = Image.parse(image).registry
         if registry not in cluster.registries:

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from scripts.manifests.kube import label_selector_matches
+
 
 @dataclass(frozen=True)
 class Cluster:
@@ -84,27 +86,6 @@ CLUSTERS: tuple[Cluster, ...] = (
 
 
 # -- selectors and taints -------------------------------------------------------------------------
-
-
-def label_selector_matches(selector: dict[str, Any] | None, labels: dict[str, str] | None) -> bool:
-    """metav1.LabelSelector semantics (an empty selector matches everything)."""
-    labels = labels or {}
-    selector = selector or {}
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != str(value):
-            return False
-    for expression in selector.get("matchExpressions") or []:
-        key, operator = expression.get("key"), expression.get("operator")
-        values = [str(v) for v in expression.get("values") or []]
-        if operator == "In" and labels.get(key) not in values:
-            return False
-        if operator == "NotIn" and key in labels and labels[key] in values:
-            return False
-        if operator == "Exists" and key not in labels:
-            return False
-        if operator == "DoesNotExist" and key in labels:
-            return False
-    return True
 
 
 def cluster_matches(affinity: dict[str, Any] | None, cluster: Cluster) -> bool:

@@ -53,6 +53,10 @@ PREDICTOR_POD_ACCEPTED = {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_40", "CKV2_K8S_6"
 # The job service's workloads (jobs/deploy/): a release tag, IfNotPresent, and the database URL
 # from CloudNativePG's Secret as an env var (the job service reads JOBS_DATABASE_URL); the worker
 # also has no probes (it serves nothing, and an HTTP probe would only reach its metrics thread).
+# The Triton predictor (runtime wan-triton): the same, less the token (a closed stream cancels a
+# Triton generation: no cancellation check, no Secret in its env).
+TRITON_ISVC = "kserve/inferenceservice-ti2v-5b-triton.yaml"
+TRITON_POD_ACCEPTED = PREDICTOR_POD_ACCEPTED - {"CKV_K8S_35"}
 JOBS_ACCEPTED = {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_35"}
 JOBS_WORKLOADS = {"jobs/deploy/deployment-api.yaml": JOBS_ACCEPTED,
                   "jobs/deploy/deployment-worker.yaml": JOBS_ACCEPTED | {"CKV_K8S_8", "CKV_K8S_9"},
@@ -61,6 +65,7 @@ ACCEPTED = {
     "Dockerfile": {"CKV_DOCKER_7"},
     "kserve/plain/deployment-ti2v-5b.yaml": {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_40"},
     **{f"rendered:{f}": PREDICTOR_POD_ACCEPTED for f in ISVC_FILES},
+    f"rendered:{TRITON_ISVC}": TRITON_POD_ACCEPTED,
     **JOBS_WORKLOADS,
 }
 # What the manifests fixed rather than accepted: checkov must have seen each pass on every workload.
@@ -79,7 +84,8 @@ HARDENING = {
     "CKV_K8S_9": "readiness probe",
     "CKV_K8S_14": "image tag",
 }
-WORKLOADS = {"kserve/plain/deployment-ti2v-5b.yaml", *(f"rendered:{f}" for f in ISVC_FILES), *JOBS_WORKLOADS}
+WORKLOADS = {"kserve/plain/deployment-ti2v-5b.yaml", *(f"rendered:{f}" for f in ISVC_FILES), f"rendered:{TRITON_ISVC}",
+             *JOBS_WORKLOADS}
 # Hardening that does not apply: a Job runs to completion (nothing to probe), the worker serves nothing.
 NOT_APPLICABLE = {"jobs/deploy/deployment-worker.yaml": {"CKV_K8S_8", "CKV_K8S_9"},
                   "jobs/deploy/job-migrate.yaml": {"CKV_K8S_8", "CKV_K8S_9"}}
@@ -274,7 +280,9 @@ def test_kserve_manifests_expose_the_inference_port_only():
     for m in manifests:
         if m.kind in ("ServingRuntime", "ClusterServingRuntime"):
             for container in m.get("spec", "containers", default=[]):
-                assert [p["containerPort"] for p in container.get("ports", [])] == [inference], m.label
+                # Triton's runtime: its HTTP port only (gRPC and metrics stay inside the pod).
+                expected = 8080 if "tritonserver" in container.get("args", []) else inference
+                assert [p["containerPort"] for p in container.get("ports", [])] == [expected], m.label
     [deployment] = _docs(PLAIN_DEPLOYMENT)
     pod = deployment["spec"]["template"]
     [container] = pod["spec"]["containers"]

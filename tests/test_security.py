@@ -55,7 +55,7 @@ PREDICTOR_POD_ACCEPTED = {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_40", "CKV2_K8S_6"
 # also has no probes (it serves nothing, and an HTTP probe would only reach its metrics thread).
 # The Triton predictor (runtime wan-triton): the same, less the token (a closed stream cancels a
 # Triton generation: no cancellation check, no Secret in its env).
-TRITON_ISVC = "kserve/inferenceservice-ti2v-5b-triton.yaml"
+TRITON_ISVCS = ["kserve/inferenceservice-ti2v-5b-triton.yaml", "kserve/examples/canary-ti2v-5b-to-triton.yaml"]
 TRITON_POD_ACCEPTED = PREDICTOR_POD_ACCEPTED - {"CKV_K8S_35"}
 JOBS_ACCEPTED = {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_35"}
 JOBS_WORKLOADS = {"jobs/deploy/deployment-api.yaml": JOBS_ACCEPTED,
@@ -65,7 +65,7 @@ ACCEPTED = {
     "Dockerfile": {"CKV_DOCKER_7"},
     "kserve/plain/deployment-ti2v-5b.yaml": {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_40"},
     **{f"rendered:{f}": PREDICTOR_POD_ACCEPTED for f in ISVC_FILES},
-    f"rendered:{TRITON_ISVC}": TRITON_POD_ACCEPTED,
+    **{f"rendered:{f}": TRITON_POD_ACCEPTED for f in TRITON_ISVCS},
     **JOBS_WORKLOADS,
 }
 # What the manifests fixed rather than accepted: checkov must have seen each pass on every workload.
@@ -84,7 +84,7 @@ HARDENING = {
     "CKV_K8S_9": "readiness probe",
     "CKV_K8S_14": "image tag",
 }
-WORKLOADS = {"kserve/plain/deployment-ti2v-5b.yaml", *(f"rendered:{f}" for f in ISVC_FILES), f"rendered:{TRITON_ISVC}",
+WORKLOADS = {"kserve/plain/deployment-ti2v-5b.yaml", *(f"rendered:{f}" for f in ISVC_FILES + TRITON_ISVCS),
              *JOBS_WORKLOADS}
 # Hardening that does not apply: a Job runs to completion (nothing to probe), the worker serves nothing.
 NOT_APPLICABLE = {"jobs/deploy/deployment-worker.yaml": {"CKV_K8S_8", "CKV_K8S_9"},

@@ -82,6 +82,23 @@ spec:
         - name: WAN_CANCEL_TOKEN
           valueFrom:
             secretKeyRef: {name: wan-jobs-data-plane, key: token, optional: true}
+---
+apiVersion: serving.kserve.io/v1alpha1
+kind: ClusterServingRuntime
+metadata:
+  name: wan-triton
+spec:
+  supportedModelFormats:
+    - name: triton
+      autoSelect: false
+  protocolVersions: [v2]
+  containers:
+    - name: kserve-container
+      image: registry.wan.internal/wan/wan-triton:0.1.0
+      args: [tritonserver, --model-repository=/mnt/models/repository, --http-port=8080]
+      ports:
+        - containerPort: 8080
+          protocol: TCP
 """
 ISVC_TEMPLATE = """
 ---

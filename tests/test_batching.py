@@ -148,7 +148,10 @@ def test_torchserve_batch_size_denoises_one_shape_together(batching_torchserve):
 def batching_triton(tmp_path_factory, server_weights):
     from scripts.triton_serve import stop as stop_triton
 
-    layout = start_triton(tmp_path_factory.mktemp("triton-batching"), server_weights, max_batch_size=4)
+    # Eight: the plain wan runs max_batch_size instances, each waiting on wan_stream for one
+    # request; the blocker holds one and the four behind it need one each (with 4 the fourth
+    # waited in wan's own queue and the batch was whichever three came first).
+    layout = start_triton(tmp_path_factory.mktemp("triton-batching"), server_weights, max_batch_size=8)
     yield layout
     stop_triton(layout)
 

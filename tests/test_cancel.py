@@ -162,7 +162,8 @@ def test_a_failed_question_never_cancels(stand_in, tmp_path, failure):
         stand_in.close()
     elif failure == "timeout":
         stand_in.hold, timeout_s = threading.Event(), 0.2
-    config = CancelCheckConfig(url, token=token, token_file=token_file, interval_s=0, timeout_s=timeout_s)
+    # One question (the interval is long): its failure is counted once, and nothing cancels.
+    config = CancelCheckConfig(url, token=token, token_file=token_file, interval_s=60, timeout_s=timeout_s)
     check = config.check_for("video_gone")  # the stand-in would say wanted: false
     assert _ask(check) is False
     assert check.failures == 1

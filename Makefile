@@ -10,7 +10,13 @@ TOOLS := .venv-tools
 CHECKOV_VERSION := 3.3.30
 TOOLS_STAMP := $(TOOLS)/.installed-checkov-$(CHECKOV_VERSION)
 
-.PHONY: serve stop status test tools security tiny-models archive bench-cpu clean
+.PHONY: serve stop status test tools security tiny-models archive bench-cpu clean browser page-screenshot
+
+# The web page's browser tests (tests/test_web_page.py) drive Debian's Chromium through Debian's
+# chromedriver: nothing is downloaded at test time. A CJK font shows the official (Chinese) negative
+# prompt in the screenshots. apt runs only when a package is missing (CI runs as root).
+BROWSER_PACKAGES := chromium chromium-driver fonts-wqy-microhei
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +41,18 @@ stop:
 status: $(STAMP)
 	$(PY) -m scripts.serve status
 
-test: $(STAMP) $(TOOLS_STAMP)
+test: $(STAMP) $(TOOLS_STAMP) browser
 	$(PY) -m pytest
+
+browser:
+	@dpkg -s $(BROWSER_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES); }
+
+# docs/page.png, the README's picture of the web page: the browser scenario that makes a video,
+# against a live job service on the tiny model, takes it; this copies it into place.
+page-screenshot: $(STAMP) browser
+	$(PY) -m pytest tests/test_web_page.py -q -k make_a_video_and_watch_it
+	cp tests/screenshots/make_a_video_and_watch_it-desktop.png docs/page.png
 
 tools: $(TOOLS_STAMP)
 

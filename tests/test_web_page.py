@@ -10,16 +10,20 @@ the progress bar, the video element; the API is used to set up and to confirm wh
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 import requests
+from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.select import Select
@@ -35,6 +39,8 @@ JOB_TIMEOUT_S = 90
 UI_TIMEOUT_S = 10
 # A job that keeps the worker busy while another one waits in the queue: the tiny model's
 # largest size and frame count within its limits (config/models/tiny-ti2v.yaml), most steps.
+# Status lines of a video that is still waiting or being made.
+ACTIVE_TEXT = re.compile(r"^(Queued|Making it)")
 LONG_JOB = {"size": "512x512", "num_frames": 65, "num_inference_steps": 20}
 
 
@@ -117,6 +123,18 @@ class Page:
 
     def error_next_to(self, field: str) -> str:
         return self.find(f"#{field}-error").text
+
+    def drop_file(self, name: str, content: bytes, mime_type: str) -> None:
+        """Drop a file on the image area, as a drag from the desktop delivers it."""
+        self.driver.execute_script("""
+            const [name, b64, type, target] = arguments;
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], name, {type}));
+            for (const kind of ['dragenter', 'dragover', 'drop']) {
+              target.dispatchEvent(new DragEvent(kind, {dataTransfer: data, bubbles: true, cancelable: true}));
+            }
+        """, name, base64.b64encode(content).decode(), mime_type, self.find("#drop"))
 
     def record_progress_texts(self) -> None:
         """Keep every text the list's status and progress lines show, as a person watching would."""
@@ -418,6 +436,64 @@ def test_history_is_paginated_newest_first(page, jobs_service):
     page.wait(lambda: len(page.cards()) == PAGE_SIZE + 1, message="the older video")
     assert [page.find(".prompt", c).text for c in page.cards()] == prompts[::-1]
     assert not page.visible("#more")
+
+
+def test_an_image_by_picker_or_drop_is_previewed_and_sent(page, jobs_service, tmp_path):
+    user = new_user(jobs_service, "painter")
+    picture = tmp_path / "cat.png"
+    Image.new("RGB", (96, 64), (200, 120, 40)).save(picture)
+    page.sign_in(user.key)
+    assert page.find("#image-label").text == "Image (optional)"  # the tiny model is TI2V
+
+    page.find("#image").send_keys(str(picture))
+    page.wait(lambda: page.visible("#image-preview"), message="the image preview")
+    assert page.driver.execute_script("return document.getElementById('image-preview').naturalWidth") == 96
+    assert page.find("#image-name").text.startswith("cat.png")
+    page.find("#image-clear").click()
+    assert not page.visible("#image-preview") and page.find("#image-name").text == ""
+
+    page.drop_file("notes.txt", b"not a picture", "text/plain")
+    assert page.error_next_to("image") == "notes.txt is not a PNG, JPEG or WebP image."
+    assert not page.visible("#image-preview")
+    page.drop_file("dropped.png", picture.read_bytes(), "image/png")
+    page.wait(lambda: page.visible("#image-preview"), message="the dropped image's preview")
+    assert page.error_next_to("image") == ""
+
+    prompt = unique("the cat starts to dance")
+    page.set_value("#prompt", prompt)
+    page.find("#submit").click()
+    card = page.card_for(prompt)
+    page.wait_for_status(card, "Ready")
+    assert "from an image" in page.find(".params", card).text
+
+
+def test_every_control_is_labelled_and_the_form_works_by_keyboard(page, jobs_service):
+    user = new_user(jobs_service, "keyboard")
+    page.sign_in(user.key)
+    page.open_advanced()
+    unlabelled = page.driver.execute_script("""
+        return [...document.querySelectorAll('input, select, textarea, button, video')]
+          .filter(el => el.offsetParent !== null || el.type === 'file')
+          .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+                        && !el.getAttribute('aria-labelledby') && !(el.tagName === 'BUTTON' && el.textContent.trim()))
+          .map(el => el.outerHTML.slice(0, 80));
+    """)
+    assert unlabelled == []
+
+    # Type a prompt and reach the button with Tab alone, as someone without a mouse would.
+    prompt = unique("a kite over the sea")
+    page.find("#prompt").send_keys(prompt)
+    for _ in range(40):
+        if page.driver.switch_to.active_element == page.find("#submit"):
+            break
+        ActionChains(page.driver).send_keys(Keys.TAB).perform()
+    assert page.driver.switch_to.active_element == page.find("#submit"), "Tab never reached the button"
+    ActionChains(page.driver).send_keys(Keys.ENTER).perform()
+    card = page.card_for(prompt)
+    cancel = page.find("button.cancel", card)
+    if cancel.is_displayed():
+        cancel.send_keys(Keys.ENTER)
+        page.wait(lambda: not ACTIVE_TEXT.match(page.status_of(card)), message="the video to stop")
 
 
 def test_another_users_key_sees_none_of_it(page, jobs_service):

@@ -11,6 +11,8 @@ const KEY_STORAGE = "wan.apiKey";
 const PAGE_SIZE = 10;
 const FINAL_STATUSES = new Set(["completed", "failed", "cancelled"]);
 const ACTIVE_STATUSES = new Set(["queued", "in_progress"]);
+// The named events of GET /v1/videos/{id}/events.
+const EVENT_TYPES = ["queued", "progress", "completed", "failed", "cancelled"];
 const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp"];
 // Used only when the service's model description leaves a bound out; the server checks anyway.
 const FALLBACK_LIMITS = { max_num_frames: 161, max_fps: 60, max_inference_steps: 100, max_guidance_scale: 20 };
@@ -728,9 +730,19 @@ function follow(card) {
   clearTimeout(card.retryTimer);
   const source = new EventSource(withKey(`${videoPath(card.video.id)}/events`));
   card.source = source;
-  for (const type of ["queued", "progress", "completed", "failed", "cancelled"]) {
+  for (const type of EVENT_TYPES) {
     source.addEventListener(type, (event) => onEvent(card, type, event.data));
   }
+  // A server that sends unnamed events names the type inside the data instead.
+  source.onmessage = (event) => {
+    try {
+      const data = parseJson(event.data);
+      const type = data.event || data.type;
+      if (type) onEvent(card, type, event.data);
+    } catch {
+      // not JSON: nothing to show
+    }
+  };
   source.onopen = () => {
     card.retryDelay = 1000;
     if (card.reconnecting) {
@@ -754,6 +766,7 @@ function follow(card) {
 }
 
 function onEvent(card, type, text) {
+  if (!EVENT_TYPES.includes(type)) return;
   let data;
   try {
     data = parseJson(text);

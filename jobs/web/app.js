@@ -11,8 +11,8 @@ const KEY_STORAGE = "wan.apiKey";
 const PAGE_SIZE = 10;
 const FINAL_STATUSES = new Set(["completed", "failed", "cancelled"]);
 const ACTIVE_STATUSES = new Set(["queued", "in_progress"]);
-// The named events of GET /v1/videos/{id}/events.
-const EVENT_TYPES = ["queued", "progress", "completed", "failed", "cancelled"];
+// The named events of GET /v1/videos/{id}/events ("deleted": by another tab or client).
+const EVENT_TYPES = ["queued", "progress", "completed", "failed", "cancelled", "deleted"];
 const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp"];
 // Used only when the service's model description leaves a bound out; the server checks anyway.
 const FALLBACK_LIMITS = { max_num_frames: 161, max_fps: 60, max_inference_steps: 100, max_guidance_scale: 20 };
@@ -771,6 +771,10 @@ function onEvent(card, type, text) {
   try {
     data = parseJson(text);
   } catch {
+    return;
+  }
+  if (type === "deleted") {
+    removeCard(card);
     return;
   }
   card.live = true;

@@ -223,6 +223,7 @@ function applyModel({ keepPrompt = true } = {}) {
   $("size-hint").textContent =
     model.imageInput === "rejected" ? "" : "With an image, the default size takes the image's shape.";
   for (const preset of model.presets) {
+    if (preset[0] === dw && preset[1] === dh) continue; // the default option above is this size
     size.append(new Option(`${preset[0]}×${preset[1]} ${orientation(preset)}`, `${preset[0]}x${preset[1]}`));
   }
   size.append(new Option("Custom size…", "custom"));
@@ -286,6 +287,7 @@ function fillDurations(selectedFrames) {
 function applyProfile() {
   // A speed preset sets its own steps and guidance; the form does not send them then.
   const preset = $("profile").value;
+  $("profile-hint").textContent = preset ? "The preset sets its own steps and guidance." : "";
   for (const id of ["num_inference_steps", "guidance_scale", "guidance_scale_2"]) {
     $(id).disabled = Boolean(preset);
   }

@@ -248,6 +248,7 @@ def load_settings(config_path: str | Path | None = None, run_dir: str | Path | N
         max_active_per_user=_env_int("JOBS_MAX_ACTIVE_PER_USER", 8),
         webhook_allowed_hosts=hosts,
         max_attempts=_env_int("JOBS_MAX_ATTEMPTS", 5),
+        stalled_after_s=float(_env_int("JOBS_STALLED_AFTER_S", 30)),
         results_dir=Path(results) if results else None,
     )
 

@@ -162,10 +162,11 @@ def validate_job(body: dict[str, Any], settings: Settings) -> JobSpec:
             raise InvalidRequest("give either size or width and height, not both", "size")
         body["width"], body["height"] = _size(body.pop("size"))
 
+    seconds_given = None
     if "seconds" in body:
         if "num_frames" in body:
             raise InvalidRequest("give either seconds or num_frames, not both", "seconds")
-        seconds = _seconds(body.pop("seconds"))
+        seconds = seconds_given = _seconds(body.pop("seconds"))
         fps = body.get("fps", model.defaults.fps)
         frames = seconds * fps + 1 if isinstance(fps, int) and not isinstance(fps, bool) else None
         if frames is None or not float(frames).is_integer():
@@ -184,11 +185,12 @@ def validate_job(body: dict[str, Any], settings: Settings) -> JobSpec:
         )
     except WanError as e:
         error = PayloadTooLarge if e.http_status == 413 else InvalidRequest
-        param = getattr(e, "field", None)
+        param, message = getattr(e, "field", None), e.message
         if param == "image" and image_field != "image":
-            param, message = image_field, e.message.replace("image", image_field, 1)
-        else:
-            message = e.message
+            param, message = image_field, message.replace("image", image_field, 1)
+        elif param == "num_frames" and seconds_given is not None:
+            # The client asked in seconds: name what they sent.
+            param, message = "seconds", f"{seconds_given:g} s is {body['num_frames']} frames: {message}"
         raise error(message, param) from None
 
     image = body.get("image")

@@ -167,3 +167,7 @@ def moto(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+# The job service's fixtures (a live API + worker over pgserver and a TorchServe of their own).
+from tests.jobs_support import jobs_postgres, jobs_service, jobs_torchserve  # noqa: E402,F401

@@ -276,7 +276,7 @@ class Api:
 
 def new_user(jobs_service, name: str) -> Api:
     """A user of its own per test (unique name), so that no test sees another's videos."""
-    created = jobs_service.create_key(f"{name}-{uuid.uuid4().hex[:8]}")
+    created = jobs_service.new_key(f"{name}-{uuid.uuid4().hex[:8]}")
     key = created["key"] if isinstance(created, dict) else created
     return Api(jobs_service.url, key)
 

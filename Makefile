@@ -52,6 +52,7 @@ browser:
 # against a live job service on the tiny model, takes it; this copies it into place.
 page-screenshot: $(STAMP) browser
 	$(PY) -m pytest tests/test_web_page.py -q -k make_a_video_and_watch_it
+	mkdir -p docs
 	cp tests/screenshots/make_a_video_and_watch_it-desktop.png docs/page.png
 
 tools: $(TOOLS_STAMP)

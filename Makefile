@@ -12,10 +12,12 @@ TOOLS_STAMP := $(TOOLS)/.installed-checkov-$(CHECKOV_VERSION)
 
 .PHONY: serve stop status test tools security tiny-models archive bench-cpu clean browser page-screenshot
 
-# The web page's browser tests (tests/test_web_page.py) drive Debian's Chromium through Debian's
-# chromedriver: nothing is downloaded at test time. A CJK font shows the official (Chinese) negative
-# prompt in the screenshots. apt runs only when a package is missing (CI runs as root).
-BROWSER_PACKAGES := chromium chromium-driver fonts-wqy-microhei
+# The web page's browser tests drive Debian's Chromium through Debian's chromedriver
+# (tests/test_web_page.py) and Debian's Firefox ESR over its own WebDriver BiDi (tests/test_web_firefox.py;
+# Debian has no geckodriver): nothing is downloaded at test time. Firefox plays H.264 with the system's
+# libavcodec (libavcodec-extra follows Debian's current soname). A CJK font shows the official (Chinese)
+# negative prompt in the screenshots. apt runs only when a package is missing (CI runs as root).
+BROWSER_PACKAGES := chromium chromium-driver firefox-esr libavcodec-extra fonts-wqy-microhei
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt

@@ -62,8 +62,10 @@ class Page:
         self.driver = driver
         self.base_url = base_url
         self.name = name
-        # Tests that provoke a 4xx on purpose say so: Chromium logs every failed request.
+        # Tests that provoke a 4xx (or a refused connection) on purpose say so: Chromium logs every
+        # failed request.
         self.expected_http_errors: set[int] = set()
+        self.expected_network_errors: set[str] = set()
 
     def open(self) -> None:
         self.driver.get(self.base_url + "/")
@@ -183,8 +185,9 @@ class Page:
         for entry in self.driver.get_log("browser"):
             if entry["level"] != "SEVERE":
                 continue
-            if entry.get("source") == "network" and any(
-                f"status of {status}" in entry["message"] for status in self.expected_http_errors
+            if entry.get("source") == "network" and (
+                any(f"status of {status}" in entry["message"] for status in self.expected_http_errors)
+                or any(error in entry["message"] for error in self.expected_network_errors)
             ):
                 continue
             errors.append(entry)
@@ -388,6 +391,46 @@ def test_cancel_a_queued_video(page, jobs_service):
     finally:
         for video in busy:
             user.call("POST", f"/v1/videos/{video['id']}/cancel")
+
+
+def test_progress_survives_an_api_restart(page, jobs_service, jobs_postgres, jobs_torchserve, tmp_path):
+    """A second API process over the same database (a replica; the session's worker does the work):
+    killed while the page watches a job, then started again on the same port. The page says it is
+    reconnecting, reconnects on its own and shows the video."""
+    from tests.jobs_support import JobService, jobs_config
+
+    # The worker writes videos to its service's results folder: the replica reads the same one,
+    # as replicas share a volume or a bucket.
+    replica = JobService(tmp_path, jobs_postgres, jobs_config(jobs_torchserve), separate_worker=True,
+                         env={"JOBS_RESULTS_DIR": str(jobs_service.root / "results")})
+    replica.start_api()  # no worker of its own
+    try:
+        user = Api(replica.url, replica.new_key(f"replica-{uuid.uuid4().hex[:8]}")["key"])
+        page.base_url = replica.url
+        page.open()
+        page.sign_in(user.key)
+        video = user.create(prompt=unique("a train crossing a bridge"), **LONG_JOB)
+        page.driver.refresh()
+        card = page.card_for(video["prompt"])
+        page.wait_for_status(card, "Making it")
+        page.wait(lambda: page.find(".progress-text", card).text.startswith("Step "), JOB_TIMEOUT_S,
+                  message="a step shown")
+
+        # The stream cut mid-way, then refused until the API is back.
+        page.expected_network_errors.update({"ERR_INCOMPLETE_CHUNKED_ENCODING", "ERR_CONNECTION_REFUSED"})
+        replica.kill_api()
+        page.wait(lambda: "reconnecting" in page.find(".progress-text", card).text,
+                  message="the page to say it is reconnecting")
+        page.screenshot("reconnecting")
+        replica.start_api()
+        page.wait_for_status(card, "Ready")
+        assert "reconnecting" not in page.find(".progress-text", card).text
+        assert "100 %" in page.find(".progress-text", card).text
+        player = page.find("video", card)
+        page.wait(lambda: (page.driver.execute_script("return arguments[0].duration", player) or 0) > 0,
+                  message="the video's duration")
+    finally:
+        replica.stop()
 
 
 def test_history_after_reload_reuse_and_delete(page, jobs_service):

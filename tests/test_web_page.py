@@ -433,6 +433,47 @@ def test_progress_survives_an_api_restart(page, jobs_service, jobs_postgres, job
         replica.stop()
 
 
+def test_a_failure_shows_the_servers_message(page, jobs_torchserve, tmp_path):
+    """A model whose rules allow more than its data plane does (as in tests/test_jobs.py): the page
+    accepts the size, the job starts, TorchServe refuses it, and the card shows the server's reason.
+    A service of its own (own PostgreSQL): the session's worker must not take this model's jobs."""
+    from tests.jobs_support import JobService, Postgres, jobs_config
+
+    database = Postgres(tmp_path / "pg")
+    database.start()
+    config = jobs_config(jobs_torchserve)
+    (tmp_path / "loose.yaml").write_text("handler:\n  limits:\n    max_side_px: 1280\n    max_pixels: 921600\n")
+    config["models"].append(dict(config["models"][0], name="strict", model_config=str(tmp_path / "loose.yaml")))
+    service = JobService(tmp_path, database, config, env={"JOBS_MAX_ATTEMPTS": "1"})
+    service.start()
+    try:
+        user = Api(service.url, service.new_key("failing")["key"])
+        page.base_url = service.url
+        page.open()
+        page.sign_in(user.key)
+        Select(page.find("#model")).select_by_value("strict")
+        prompt = unique("a city skyline at night")
+        page.set_value("#prompt", prompt)
+        Select(page.find("#size")).select_by_value("custom")
+        page.set_value("#width", "1024")
+        page.set_value("#height", "512")
+        page.open_advanced()
+        page.set_value("#num_inference_steps", "1")
+        page.find("#submit").click()
+        card = page.card_for(prompt)
+        page.wait_for_status(card, "Failed")
+        api_video = user.get(card.get_attribute("data-id"))
+        assert api_video["status"] == "failed" and api_video["error"]["param"] == "width", api_video
+        failure = page.find(".failure", card)
+        assert failure.is_displayed()
+        assert failure.text == f"The video could not be made: {api_video['error']['message']}"
+        assert not page.find("button.cancel", card).is_displayed()
+        assert not page.find("a.download", card).is_displayed()
+    finally:
+        service.stop()
+        database.stop()
+
+
 def test_history_after_reload_reuse_and_delete(page, jobs_service):
     user = new_user(jobs_service, "returning")
     done = user.create(prompt=unique("a hot air balloon over hills"), seed=1234567890123456789)

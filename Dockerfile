@@ -3,9 +3,11 @@
 #
 # No weights and no model store inside: KServe copies the store (config/config.properties,
 # model-store/wan/, weights/<variant>/) to /mnt/models, or a PVC is mounted there. Nothing is
-# downloaded at run time (HF_HUB_OFFLINE=1).
+# downloaded at run time (HF_HUB_OFFLINE=1). The image owns the code: the store's model folder
+# holds only an entry file that subclasses this image's installed handler (model_store/archive.py).
 #
-#   docker build -t registry.wan.internal/wan/wan-torchserve:0.1.0 .
+#   docker build --build-arg GIT_COMMIT="$(git rev-parse --short=12 HEAD)" \
+#       -t registry.wan.internal/wan/wan-torchserve:0.1.0 .
 #
 # CUDA: torch 2.13.0 from PyTorch's cu130 wheel index (CUDA 13.0; the wheels bring their own
 # CUDA libraries, the base image brings the matching runtime and driver hooks). Nodes need an
@@ -37,6 +39,8 @@ COPY constraints.txt setup.cfg pyproject.toml README.md ./
 COPY handler/ handler/
 COPY model_store/ model_store/
 COPY scripts/ scripts/
+# setup.cfg installs the job service too (its own process, jobs/; not started by this image).
+COPY jobs/ jobs/
 # Our package and everything else, under the same constraints as every install in the repo
 # (torch==2.13.0 is already satisfied by the CUDA build, so pip keeps it).
 RUN pip install -c constraints.txt . \
@@ -44,7 +48,11 @@ RUN pip install -c constraints.txt . \
 
 # -- runtime --------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS runtime
-ENV DEBIAN_FRONTEND=noninteractive
+# The commit the code was built from: responses, storage records and the wan_code_info metric
+# carry it with the package version (handler/version.py), so an operator sees what is serving.
+ARG GIT_COMMIT=unknown
+ENV DEBIAN_FRONTEND=noninteractive \
+    WAN_GIT_COMMIT=${GIT_COMMIT}
 # Python for the venv, Java 17 for TorchServe's frontend, tini to forward SIGTERM to the whole
 # process group (the torchserve launcher, the Java frontend and the Python workers).
 RUN apt-get update \

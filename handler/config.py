@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +46,20 @@ class VideoEncoding:
 
     crf: int = 18
     preset: str = "veryfast"
+    # Same frames, same bytes: with x264's defaults (macroblock-tree rate control on) the same
+    # frames gave different files in about one encode of five (PyAV's libx264); with mbtree=0
+    # every encode was identical. Cost at crf 18: 1.6x the bytes and +34 % encode time on a
+    # 1280x704x121 video, ~1 s (BENCHMARKS.md, scripts/benchmark.py's encode stage).
+    # Only x264's own ``key=value:...`` syntax; empty: x264's defaults (not reproducible).
+    x264_params: str = "mbtree=0"
+
+    def __post_init__(self):
+        if self.x264_params and not _X264_PARAMS.fullmatch(self.x264_params):
+            raise ConfigError(f"handler.video.x264_params must be x264's key=value:key=value form, "
+                              f"got {self.x264_params!r}")
+
+
+_X264_PARAMS = re.compile(r"[a-z0-9-]+=[\w.,-]+(:[a-z0-9-]+=[\w.,-]+)*")
 
 
 ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3", "sage")
@@ -99,10 +116,42 @@ class ParallelOptions:
 
 
 @dataclass(frozen=True)
-class HandlerConfig:
-    model_path: Path
+class RequestRules:
+    """What one model accepts per request: its limits and its overrides of the variant's
+    defaults. Read without torch and without the weights (``load_request_rules``), so the job
+    service refuses a bad job with the same rules the handler applies."""
+
+    limits: RequestLimits = field(default_factory=RequestLimits)
     # Overrides of the variant's defaults table, by GenerationDefaults field name.
     default_overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def defaults_for(self, variant_defaults: GenerationDefaults) -> GenerationDefaults:
+        return dataclasses.replace(variant_defaults, **self.default_overrides)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The TorchServe keys of model-config.yaml (top level, outside ``handler:``) the handler
+    itself needs, read here so nothing else reads the raw yaml."""
+
+    # TorchServe's maxWorkers: CPU workers share the cores between them.
+    max_workers: int = 1
+    # TorchServe's deviceType ("gpu" or "cpu"); None when not set.
+    device_type: str | None = None
+
+    @property
+    def wants_gpu(self) -> bool:
+        return self.device_type == "gpu"
+
+
+# Where each HandlerConfig field comes from in the handler: section; None: not from it.
+_YAML_KEY = "yaml_key"
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    model_path: Path
+    default_overrides: Mapping[str, Any] = field(default_factory=dict, metadata={_YAML_KEY: "defaults"})
     limits: RequestLimits = field(default_factory=RequestLimits)
     video: VideoEncoding = field(default_factory=VideoEncoding)
     speed: SpeedOptions = field(default_factory=SpeedOptions)
@@ -112,9 +161,14 @@ class HandlerConfig:
     # A generation still running this many seconds after its request arrived stops itself at
     # the next step (504), so TorchServe's responseTimeout never has to kill the worker.
     deadline_s: float = 108.0
+    worker: WorkerSettings = field(default_factory=WorkerSettings, metadata={_YAML_KEY: None})
+
+    @property
+    def rules(self) -> RequestRules:
+        return RequestRules(self.limits, self.default_overrides)
 
     def defaults_for(self, variant_defaults: GenerationDefaults) -> GenerationDefaults:
-        return dataclasses.replace(variant_defaults, **self.default_overrides)
+        return self.rules.defaults_for(variant_defaults)
 
 
 def _typed_section(cls, section: Any, where: str):
@@ -140,12 +194,19 @@ def _check_type(value: Any, expected: type, where: str) -> Any:
     return value
 
 
-_DEFAULT_FIELD_TYPES = {
-    "width": int, "height": int, "num_frames": int, "fps": int, "num_inference_steps": int,
-    "guidance_scale": float, "guidance_scale_2": float, "flow_shift": float,
-    "negative_prompt": str,
-}
-_HANDLER_KEYS = {"model_path", "defaults", "limits", "video", "speed", "parallel", "cpu_threads", "deadline_s"}
+def _value_type(hint: Any) -> type:
+    """``float | None`` -> float: an override gives a value, never null."""
+    if isinstance(hint, types.UnionType):
+        return next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+# Both derived from the dataclasses, so a new field cannot be forgotten here.
+DEFAULT_KEYS: dict[str, type] = {name: _value_type(hint)
+                                 for name, hint in typing.get_type_hints(GenerationDefaults).items()}
+HANDLER_KEYS: tuple[str, ...] = tuple(
+    key for key in (f.metadata.get(_YAML_KEY, f.name) for f in dataclasses.fields(HandlerConfig)) if key
+)
 # TorchServe's responseTimeout when model-config.yaml does not set one.
 TORCHSERVE_DEFAULT_RESPONSE_TIMEOUT_S = 120
 
@@ -164,21 +225,57 @@ def _deadline(model_yaml: Mapping[str, Any], section: Mapping[str, Any]) -> floa
     return deadline
 
 
+def _handler_section(model_yaml: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    section = (model_yaml or {}).get("handler") or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError("handler: must be a mapping in model-config.yaml")
+    unknown = set(section) - set(HANDLER_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) handler.{', handler.'.join(sorted(unknown))}; "
+            f"known: {', '.join(sorted(HANDLER_KEYS))}"
+        )
+    return section
+
+
+def load_request_rules(model_yaml: Mapping[str, Any] | None) -> RequestRules:
+    """The request rules of a model-config.yaml (as loaded by yaml.safe_load): what the job
+    service needs to check a job as the handler will. No torch, and the weights need not exist."""
+    section = _handler_section(model_yaml)
+    overrides = section.get("defaults") or {}
+    if not isinstance(overrides, Mapping):
+        raise ConfigError("handler.defaults must be a mapping")
+    checked = {}
+    for key, value in overrides.items():
+        if key not in DEFAULT_KEYS:
+            raise ConfigError(f"unknown key handler.defaults.{key}; known: {', '.join(sorted(DEFAULT_KEYS))}")
+        checked[key] = _check_type(value, DEFAULT_KEYS[key], f"handler.defaults.{key}")
+    return RequestRules(
+        limits=_typed_section(RequestLimits, section.get("limits"), "handler.limits"),
+        default_overrides=checked,
+    )
+
+
+def _worker_settings(model_yaml: Mapping[str, Any] | None) -> WorkerSettings:
+    model_yaml = model_yaml or {}
+    max_workers = _check_type(model_yaml.get("maxWorkers", 1), int, "maxWorkers")
+    if max_workers < 1:
+        raise ConfigError("maxWorkers must be at least 1")
+    device_type = model_yaml.get("deviceType")
+    if device_type is not None:
+        device_type = _check_type(device_type, str, "deviceType")
+    return WorkerSettings(max_workers=max_workers, device_type=device_type)
+
+
 def load_handler_config(model_yaml: Mapping[str, Any] | None, model_dir: str | Path) -> HandlerConfig:
-    """Parse model-config.yaml (as TorchServe hands it over) into a HandlerConfig.
+    """Parse model-config.yaml (as TorchServe hands it over) into a HandlerConfig: the one
+    place the handler reads it.
 
     ``handler.model_path`` may be absolute or relative to the model's folder; the environment
     variable ``WAN_MODEL_PATH`` overrides it (handy in containers).
     """
-    section = (model_yaml or {}).get("handler") or {}
-    if not isinstance(section, Mapping):
-        raise ConfigError("handler: must be a mapping in model-config.yaml")
-    unknown = set(section) - _HANDLER_KEYS
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) handler.{', handler.'.join(sorted(unknown))}; "
-            f"known: {', '.join(sorted(_HANDLER_KEYS))}"
-        )
+    section = _handler_section(model_yaml)
+    rules = load_request_rules(model_yaml)
 
     raw_path = os.environ.get("WAN_MODEL_PATH") or section.get("model_path")
     if not raw_path or not isinstance(raw_path, str):
@@ -189,17 +286,6 @@ def load_handler_config(model_yaml: Mapping[str, Any] | None, model_dir: str | P
         # relative paths mean "relative to the model's own folder".
         model_path = Path(os.path.realpath(model_dir)) / model_path
 
-    overrides = section.get("defaults") or {}
-    if not isinstance(overrides, Mapping):
-        raise ConfigError("handler.defaults must be a mapping")
-    checked = {}
-    for key, value in overrides.items():
-        if key not in _DEFAULT_FIELD_TYPES:
-            raise ConfigError(
-                f"unknown key handler.defaults.{key}; known: {', '.join(sorted(_DEFAULT_FIELD_TYPES))}"
-            )
-        checked[key] = _check_type(value, _DEFAULT_FIELD_TYPES[key], f"handler.defaults.{key}")
-
     cpu_threads = section.get("cpu_threads")
     if cpu_threads is not None:
         cpu_threads = _check_type(cpu_threads, int, "handler.cpu_threads")
@@ -208,11 +294,12 @@ def load_handler_config(model_yaml: Mapping[str, Any] | None, model_dir: str | P
 
     return HandlerConfig(
         model_path=model_path.resolve(),
-        default_overrides=checked,
-        limits=_typed_section(RequestLimits, section.get("limits"), "handler.limits"),
+        default_overrides=rules.default_overrides,
+        limits=rules.limits,
         video=_typed_section(VideoEncoding, section.get("video"), "handler.video"),
         speed=_typed_section(SpeedOptions, section.get("speed"), "handler.speed"),
         parallel=_typed_section(ParallelOptions, section.get("parallel"), "handler.parallel"),
         cpu_threads=cpu_threads,
         deadline_s=_deadline(model_yaml, section),
+        worker=_worker_settings(model_yaml),
     )

@@ -32,8 +32,8 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from handler.config import SpeedOptions
 from handler.errors import DeadlineExceeded, InvalidRequest, ModelLoadError
 from handler.parallel import CfgSplitHook, RankGroup
-from handler.request import GenerationRequest, OutputKind
-from handler.variants import GenerationDefaults, VariantSpec, detect_variant
+from handler.request import GenerationRequest
+from handler.variants import GenerationDefaults, ImageInput, VariantSpec
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +183,14 @@ class WanVideoPipeline:
                  defaults: GenerationDefaults, device: torch.device, speed: SpeedOptions | None = None,
                  group: RankGroup | None = None):
         self.spec = spec
+        # What a request gets for every field it leaves out: the variant's, with the model's overrides.
+        self.defaults = defaults
         self.device = device
         self.group = group
         self.text_pipe = text_pipe
         # Image-conditioned requests need the I2V pipeline class. For TI2V-5B it shares every
         # module with the text pipeline (no extra memory); for I2V-A14B it is the same object.
-        if spec.image_input.value == "rejected":
+        if spec.image_input is ImageInput.REJECTED:
             self.image_pipe = None
         elif isinstance(text_pipe, WanImageToVideoPipeline):
             self.image_pipe = text_pipe
@@ -211,16 +213,15 @@ class WanVideoPipeline:
         self.expert_swap, self.cfg_hooks = _apply_speed_options(text_pipe, speed or SpeedOptions(), device, group)
 
     @classmethod
-    def load(cls, model_path: str | Path, defaults_for: Callable[[GenerationDefaults], GenerationDefaults],
-             device: torch.device, speed: SpeedOptions | None = None,
-             group: RankGroup | None = None) -> WanVideoPipeline:
-        """Load a checkpoint folder: bf16 on GPU, fp32 on CPU; the VAE in ``speed.vae_dtype``.
+    def load(cls, model_path: str | Path, spec: VariantSpec, defaults: GenerationDefaults, device: torch.device,
+             speed: SpeedOptions | None = None, group: RankGroup | None = None) -> WanVideoPipeline:
+        """Load a checkpoint folder of variant ``spec`` (``detect_variant``): bf16 on GPU, fp32 on
+        CPU; the VAE in ``speed.vae_dtype``. ``defaults``: the model's (its flow shift is set).
 
         On a GPU the safetensors are read straight into device memory (``device_map``), with no
         host copy of the weights in between.
         """
         speed = speed or SpeedOptions()
-        spec = detect_variant(model_path)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         vae_dtype = getattr(torch, speed.vae_dtype)
         pipeline_class = WanImageToVideoPipeline if spec.pipeline_class == "WanImageToVideoPipeline" else WanPipeline
@@ -240,20 +241,15 @@ class WanVideoPipeline:
             pipe.hf_device_map = None
         else:
             pipe.to(device)
-        return cls(pipe, spec, defaults_for(spec.defaults), device, speed, group)
+        return cls(pipe, spec, defaults, device, speed, group)
 
     def warm_up(self, defaults: GenerationDefaults) -> float:
         """One short generation at the default size, touching every expert: compiles the
         blocks and autotunes kernels before the first user arrives. Returns seconds taken."""
         started = time.perf_counter()
         steps = self._steps_covering_every_expert()
-        request = GenerationRequest(
-            prompt="warm-up", negative_prompt=defaults.negative_prompt, image=None, width=defaults.width,
-            height=defaults.height, num_frames=defaults.num_frames, fps=defaults.fps, num_inference_steps=steps,
-            guidance_scale=defaults.guidance_scale, guidance_scale_2=defaults.guidance_scale_2, seed=0,
-            output=OutputKind.INLINE, stream=False,
-        )
-        if self.spec.image_input.value == "required":
+        request = GenerationRequest.from_defaults(defaults, prompt="warm-up", seed=0, num_inference_steps=steps)
+        if self.spec.image_input is ImageInput.REQUIRED:
             from PIL import Image
 
             image = Image.new("RGB", (defaults.width, defaults.height), (127, 127, 127))

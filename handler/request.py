@@ -12,7 +12,7 @@ import json
 import math
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -32,11 +32,19 @@ class OutputKind(str, Enum):
     MP4 = "mp4"  # the MP4 bytes as the whole response body
 
 
+# Field metadata: how a GenerationRequest field appears in parameters() (the echo in responses
+# and records): (name, value -> shown value), or None when it is not echoed.
+_ECHO = "echo"
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
+    """One validated request. The field names are the JSON request's fields (``FIELDS``): this
+    class is the one list of them."""
+
     prompt: str
     negative_prompt: str
-    image: Image.Image | None
+    image: Image.Image | None = field(metadata={_ECHO: ("has_image", lambda image: image is not None)})
     width: int
     height: int
     num_frames: int
@@ -45,8 +53,9 @@ class GenerationRequest:
     guidance_scale: float
     guidance_scale_2: float | None
     seed: int
-    output: OutputKind
-    stream: bool
+    output: OutputKind = field(metadata={_ECHO: ("output", lambda output: output.value)})
+    # How the answer travels, not what is generated: not a parameter of the video.
+    stream: bool = field(metadata={_ECHO: None})
 
     @property
     def duration_s(self) -> float:
@@ -54,26 +63,24 @@ class GenerationRequest:
 
     def parameters(self) -> dict[str, Any]:
         """The effective parameters, as echoed in responses and records (no image pixels)."""
-        return {
-            "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-            "has_image": self.image is not None,
-            "width": self.width,
-            "height": self.height,
-            "num_frames": self.num_frames,
-            "fps": self.fps,
-            "num_inference_steps": self.num_inference_steps,
-            "guidance_scale": self.guidance_scale,
-            "guidance_scale_2": self.guidance_scale_2,
-            "seed": self.seed,
-            "output": self.output.value,
-        }
+        shown = {}
+        for item in fields(self):
+            name, show = item.metadata.get(_ECHO, (item.name, None)) or (None, None)
+            if name is not None:
+                value = getattr(self, item.name)
+                shown[name] = show(value) if show is not None else value
+        return shown
+
+    @classmethod
+    def from_defaults(cls, defaults: GenerationDefaults, prompt: str, seed: int, **changes: Any) -> GenerationRequest:
+        """A request that takes every field the defaults have from them (the warm-up's)."""
+        shared = {item.name: getattr(defaults, item.name) for item in fields(cls) if hasattr(defaults, item.name)}
+        return cls(**{**shared, "prompt": prompt, "image": None, "seed": seed, "output": OutputKind.INLINE,
+                      "stream": False, **changes})
 
 
-FIELDS = (
-    "prompt", "negative_prompt", "image", "width", "height", "num_frames", "fps",
-    "num_inference_steps", "guidance_scale", "guidance_scale_2", "seed", "output", "stream",
-)
+# The request's JSON fields, in the order error messages list them.
+FIELDS: tuple[str, ...] = tuple(item.name for item in fields(GenerationRequest))
 
 
 def decode_body(body: Any, limits: RequestLimits) -> dict[str, Any]:
@@ -302,17 +309,7 @@ def parse_request(
         raise InvalidRequest("stream: true answers in NDJSON lines; use output 'inline' or 'url' with it", "output")
 
     return GenerationRequest(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        image=image,
-        width=width,
-        height=height,
-        num_frames=num_frames,
-        fps=fps,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        guidance_scale_2=guidance_scale_2,
-        seed=seed,
-        output=output,
-        stream=stream,
+        prompt=prompt, negative_prompt=negative_prompt, image=image, width=width, height=height,
+        num_frames=num_frames, fps=fps, num_inference_steps=steps, guidance_scale=guidance_scale,
+        guidance_scale_2=guidance_scale_2, seed=seed, output=output, stream=stream,
     )

@@ -22,10 +22,13 @@ import torch
 from handler.config import HandlerConfig, load_handler_config
 from handler.envelopes import PLAIN, Envelope
 from handler.errors import DeadlineExceeded, InternalError, OutOfMemory, WanError
+from handler.metrics import OK, STORAGE_FALLBACK, GenerationMetrics
 from handler.parallel import RankGroup
 from handler.pipeline import CollectiveBroken, WanVideoPipeline, pick_device, trim_host_heap
 from handler.request import GenerationRequest, OutputKind, parse_request
 from handler.storage import ObjectStore, StorageConfig, StorageUnavailable
+from handler.variants import detect_variant
+from handler.version import code_version
 from handler.video import MP4_CONTENT_TYPE, Mp4Encoder, encode_mp4
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,16 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class GenerationResult:
+    """A finished video: its MP4 and the JSON answer describing it (the response's fields)."""
+
+    mp4: bytes
+    body: dict[str, Any]
+    # Meant for storage, returned inline because storage failed (the body's warnings say so).
+    storage_fallback: bool = False
+
+
 def ndjson_line(event: Mapping[str, Any]) -> str:
     return json.dumps(event, separators=(",", ":")) + "\n"
 
@@ -60,41 +73,50 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 class WanService:
     def __init__(self, config: HandlerConfig, pipeline: WanVideoPipeline, storage: ObjectStore | None = None,
-                 model: Mapping[str, str] | None = None):
+                 model: Mapping[str, str] | None = None, metrics: GenerationMetrics | None = None):
         self.config = config
         self.pipeline = pipeline
         self.spec = pipeline.spec
-        self.defaults = config.defaults_for(pipeline.spec.defaults)
+        self.defaults = pipeline.defaults
         self.storage = storage
         # Name and version of the served model (from the archive's manifest), for the records.
         self.model = dict(model or {})
         # Seconds spent starting: loading, warm-up (filled by from_model_config).
         self.startup_s: dict[str, float] = {}
+        # What the adapter exports (Prometheus through TorchServe); nothing without one. Only the
+        # leader of a worker of several ranks reports: the others follow its requests.
+        leads = pipeline.group is None or pipeline.group.is_leader
+        self.metrics = metrics if metrics is not None and leads else GenerationMetrics(model_name=self.model.get("name", ""))
+        self.code_version = code_version()
+        self.metrics.code(self.code_version)
 
     @classmethod
     def from_model_config(cls, model_yaml: Mapping[str, Any] | None, model_dir: str | Path,
-                          gpu_id: int | None = None, model: Mapping[str, str] | None = None) -> WanService:
+                          gpu_id: int | None = None, model: Mapping[str, str] | None = None,
+                          metrics: GenerationMetrics | None = None) -> WanService:
         """Start from model-config.yaml as TorchServe hands it over (storage from the environment)."""
         config = load_handler_config(model_yaml, model_dir)
         # Started by torchrun (model-config.yaml's torchrun section): one rank of several.
         # TorchServe may hand a torchrun worker no gpu_id: its deviceType says whether it has GPUs.
-        on_gpu = torch.cuda.is_available() and (gpu_id is not None or (model_yaml or {}).get("deviceType") == "gpu")
+        on_gpu = torch.cuda.is_available() and (gpu_id is not None or config.worker.wants_gpu)
         group = RankGroup.for_worker(config.parallel, gpu_available=on_gpu)
         device = group.device if group is not None else pick_device(gpu_id)
         if device.type == "cpu":
-            processes = int((model_yaml or {}).get("maxWorkers") or 1) * (group.layout.world_size if group else 1)
+            processes = config.worker.max_workers * (group.layout.world_size if group else 1)
             # TorchServe leaves intra-op threads at the core count in every worker; workers
             # then fight over the same cores (7x slower seen with 2 workers on 2 cores).
             torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // processes))
         started = time.perf_counter()
-        pipeline = WanVideoPipeline.load(config.model_path, config.defaults_for, device, config.speed, group)
+        spec = detect_variant(config.model_path)
+        pipeline = WanVideoPipeline.load(config.model_path, spec, config.defaults_for(spec.defaults), device,
+                                         config.speed, group)
         load_s = time.perf_counter() - started
         log.info("loaded %s from %s on %s in %.1f s", pipeline.spec.name, config.model_path, device, load_s)
         storage_config = StorageConfig.from_env()
         storage = ObjectStore(storage_config) if storage_config is not None else None
         if storage is not None:
             storage.check_at_start()
-        service = cls(config, pipeline, storage, model)
+        service = cls(config, pipeline, storage, model, metrics)
         service.startup_s["load_s"] = load_s
         if device.type == "cuda" and config.speed.warmup:
             service.startup_s["warmup_s"] = pipeline.warm_up(service.defaults)
@@ -168,14 +190,13 @@ class WanService:
                     lines_sent += 1
 
             result = self._generate(request, request_id, on_step, started)
+            self.metrics.outcome(STORAGE_FALLBACK if result.storage_fallback else OK, 200)
             if request.output is OutputKind.MP4:
-                mp4 = result.pop("_mp4")
-                return Reply(body=mp4, content_type=MP4_CONTENT_TYPE,
+                return Reply(body=result.mp4, content_type=MP4_CONTENT_TYPE,
                              headers={"x-wan-seed": str(request.seed), "x-wan-request-id": request_id})
-            result.pop("_mp4", None)
             if streaming:
-                return Reply(body=ndjson_line({"event": "result", **result}), content_type=NDJSON_CONTENT_TYPE)
-            return Reply(body=result)
+                return Reply(body=ndjson_line({"event": "result", **result.body}), content_type=NDJSON_CONTENT_TYPE)
+            return Reply(body=result.body)
         except CollectiveBroken as exc:
             # The other ranks may wait forever for this one: the worker must restart. No reply:
             # TorchServe may already have answered "Worker died." (another rank's connection
@@ -186,8 +207,13 @@ class WanService:
         if isinstance(error, OutOfMemory):
             # Out of the except block: the traceback, and the tensors its frames held, are gone.
             self.pipeline.release_memory()
-        if lines_sent:
-            # Progress lines already went out with status 200: the error is the last line.
+        return self.error_reply(error, streamed=lines_sent > 0)
+
+    def error_reply(self, error: WanError, streamed: bool = False) -> Reply:
+        """The one place an error becomes what the client gets (and is counted). ``streamed``:
+        progress lines already went out with status 200, so the error is the last line."""
+        self.metrics.outcome(error.error_type, error.http_status)
+        if streamed:
             return Reply(body=ndjson_line({"event": "error", **error.to_body()}), content_type=NDJSON_CONTENT_TYPE)
         return Reply(body=error.to_body(), status=error.http_status)
 
@@ -217,9 +243,12 @@ class WanService:
         log.exception("request %s failed with an unexpected error", request_id)
         return InternalError(f"internal error; see the server log for request {request_id}")
 
-    def _generate(self, request: GenerationRequest, request_id: str, on_step, started: float) -> dict[str, Any]:
+    def _generate(self, request: GenerationRequest, request_id: str, on_step, started: float) -> GenerationResult:
         # The encoder takes the frames while the VAE decodes the rest (see pipeline._FrameStreamer).
         encoder = Mp4Encoder(request.fps, self.config.video)
+        on_gpu = self.pipeline.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.pipeline.device)
         try:
             generated = self.pipeline.generate(request, on_step, on_frames=encoder.add)
             mark = time.perf_counter()
@@ -232,12 +261,15 @@ class WanService:
             encoder.abort()  # a failed generation: stop the encoder's thread
         # What the encoder still needed after the decode (all of it when nothing was streamed).
         timings = dict(generated.timings_s, video_encode_s=time.perf_counter() - mark)
+        if on_gpu:
+            self.metrics.peak_gpu_memory(torch.cuda.max_memory_allocated(self.pipeline.device))
         warnings: list[str] = []
         video: dict[str, Any] = {"content_type": MP4_CONTENT_TYPE}
         inline = request.output is OutputKind.INLINE
         if request.output is OutputKind.URL:
             mark = time.perf_counter()
             record = {"parameters": request.parameters(), "variant": self.spec.name, "model": self.model,
+                      "code_version": self.code_version.to_json(),
                       "timings": {name: round(value, 4) for name, value in timings.items()}}
             try:
                 stored = self.storage.store_video(mp4, request_id, record)
@@ -250,7 +282,8 @@ class WanService:
         if inline:
             video["base64"] = base64.b64encode(mp4).decode("ascii")
         timings["total_s"] = time.perf_counter() - started
-        return {
+        self.metrics.generation(timings, request.num_inference_steps)
+        body = {
             "request_id": request_id,
             "video": video,
             "width": request.width,
@@ -262,5 +295,6 @@ class WanService:
             "variant": self.spec.name,
             "timings": {name: round(value, 4) for name, value in timings.items()},
             "warnings": warnings,
-            "_mp4": mp4,
+            "code_version": self.code_version.to_json(),
         }
+        return GenerationResult(mp4=mp4, body=body, storage_fallback=request.output is OutputKind.URL and inline)

@@ -114,7 +114,10 @@ class Mp4Encoder:
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
         stream.codec_context.time_base = Fraction(1, self.fps)
-        stream.options = {"crf": str(self.settings.crf), "preset": self.settings.preset}
+        options = {"crf": str(self.settings.crf), "preset": self.settings.preset}
+        if self.settings.x264_params:
+            options["x264-params"] = self.settings.x264_params
+        stream.options = options
         return container, stream
 
 

@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     local.add_argument("action", choices=("start", "stop", "status"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pgserver narrates every start at INFO and httpx logs each request: only their warnings.
+    for chatty in ("pgserver", "httpx"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         settings = load_settings(args.config)
     except JobsConfigError as e:

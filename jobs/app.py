@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -247,6 +248,20 @@ def create_app(settings: Settings, database_url: str, with_worker: bool = False,
         return StreamingResponse(_event_stream(service, row, user), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    @app.get("/internal/v1/videos/{video_id}/wanted", include_in_schema=False)
+    async def still_wanted(video_id: str, request: Request) -> dict:
+        """For the data plane, not for users: is this running job still wanted? TorchServe cannot
+        cancel a request, so our handler asks here at each denoising step (the worker names the
+        job in the X-Wan-Job-Id header) and stops when the answer is no. Its own credential: a
+        data-plane pod never holds a user's key, and users cannot reach this route with theirs."""
+        token = settings.data_plane_token
+        header = request.headers.get("authorization", "")
+        if token is None:
+            raise NotFound("no data-plane token is configured (JOBS_DATA_PLANE_TOKEN)")
+        if not hmac.compare_digest(header.encode(), f"Bearer {token}".encode()):
+            raise Unauthorized("this route takes the data-plane token (JOBS_DATA_PLANE_TOKEN)")
+        return {"id": video_id, "wanted": await service.store.is_active(video_id)}
+
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
         await service.user(request)
@@ -261,7 +276,8 @@ def create_app(settings: Settings, database_url: str, with_worker: bool = False,
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         try:
-            async with service.store.pool.connection(timeout=5) as conn:
+            # Short: a probe must get its answer (503) before its own timeout when the database is gone.
+            async with service.store.pool.connection(timeout=2) as conn:
                 await conn.execute("SELECT 1")
                 applied = {r["version"] for r in await (await conn.execute(
                     "SELECT version FROM jobs_schema_migrations")).fetchall()}

@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from handler.config import RequestLimits, load_handler_config
+from handler.config import RequestLimits, load_request_rules
+from handler.errors import ConfigError
 from handler.variants import VARIANTS, GenerationDefaults, VariantSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -132,6 +133,11 @@ class Settings:
     # Where finished videos and posters are kept when the data plane returns them inline
     # (None: run_dir/results; in Kubernetes, a volume: JOBS_RESULTS_DIR).
     results_dir: Path | None = None
+    # The data plane's credential for asking whether a running job is still wanted (the
+    # TorchServe handler's cancellation check, GET /internal/v1/videos/{id}/wanted):
+    # JOBS_DATA_PLANE_TOKEN, else the file run_dir/data_plane_token (made by `jobs local start`).
+    # None: that route is off.
+    data_plane_token: str | None = None
 
     def model(self, name: str) -> ModelEntry | None:
         return next((m for m in self.models if m.name == name), None)
@@ -200,11 +206,12 @@ def _model(raw: Any, where: str, base: Path) -> ModelEntry:
             model_yaml = yaml.safe_load(path.read_text()) or {}
         except OSError as e:
             raise JobsConfigError(f"{where}.model_config: cannot read {path}: {e}") from None
-    # The handler's own reading of the model's config: the same limits and defaults it applies.
-    # model_path is irrelevant here (nothing is loaded); a placeholder satisfies the loader.
-    handler_section = dict(model_yaml.get("handler") or {})
-    handler_section.setdefault("model_path", "/nonexistent")
-    handler_config = load_handler_config({**model_yaml, "handler": handler_section}, base)
+    # The handler's own request rules from the model's config: the same limits and defaults it
+    # applies (read without torch, and the weights need not exist here).
+    try:
+        rules = load_request_rules(model_yaml)
+    except ConfigError as e:
+        raise JobsConfigError(f"{where}.model_config: {e}") from None
     endpoints = raw.get("endpoints")
     if not isinstance(endpoints, list) or not endpoints:
         raise JobsConfigError(f"{where}.endpoints must list at least one endpoint")
@@ -215,10 +222,20 @@ def _model(raw: Any, where: str, base: Path) -> ModelEntry:
         name=name,
         description=str(raw.get("description") or ""),
         spec=spec,
-        defaults=handler_config.defaults_for(spec.defaults),
-        limits=handler_config.limits,
+        defaults=rules.defaults_for(spec.defaults),
+        limits=rules.limits,
         endpoints=tuple(sorted(parsed, key=lambda e: e.priority)),
     )
+
+
+DATA_PLANE_TOKEN_FILE = "data_plane_token"
+
+
+def _read_token(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def load_settings(config_path: str | Path | None = None, run_dir: str | Path | None = None,
@@ -250,6 +267,7 @@ def load_settings(config_path: str | Path | None = None, run_dir: str | Path | N
         max_attempts=_env_int("JOBS_MAX_ATTEMPTS", 5),
         stalled_after_s=float(_env_int("JOBS_STALLED_AFTER_S", 30)),
         results_dir=Path(results) if results else None,
+        data_plane_token=env.get("JOBS_DATA_PLANE_TOKEN") or _read_token(run / DATA_PLANE_TOKEN_FILE),
     )
 
 

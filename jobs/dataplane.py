@@ -101,8 +101,12 @@ async def _events(endpoint: Endpoint, response: httpx.Response):
         yield json.loads(line)
 
 
+# Names the job to the data plane, whose cancellation check asks the job service about it.
+JOB_ID_HEADER = "X-Wan-Job-Id"
+
+
 async def run(endpoint: Endpoint, request: dict[str, Any], on_progress: OnProgress,
-              client: httpx.AsyncClient) -> Outcome:
+              client: httpx.AsyncClient, job_id: str | None = None) -> Outcome:
     """Send one job and follow it to its outcome. Raises Retryable, Refused or Stopped."""
     body = dict(request, stream=True, output=endpoint.output)
     if endpoint.kind == "triton":
@@ -113,7 +117,8 @@ async def run(endpoint: Endpoint, request: dict[str, Any], on_progress: OnProgre
         payload = body
     timeout = httpx.Timeout(endpoint.timeout_s, connect=10.0)
     try:
-        async with client.stream("POST", url, json=payload, headers=endpoint.auth_headers(),
+        headers = dict(endpoint.auth_headers(), **({JOB_ID_HEADER: job_id} if job_id else {}))
+        async with client.stream("POST", url, json=payload, headers=headers,
                                  timeout=timeout) as response:
             if response.status_code != 200:
                 raise await _error_answer(response)

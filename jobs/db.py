@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import psycopg
@@ -32,7 +33,10 @@ def embedded_url(run_dir: Path) -> str:
 
     data = run_dir / "postgres"
     data.parent.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(str(data), cleanup_mode=None)
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (root, CI): pgserver does not need it.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+        server = pgserver.get_server(str(data), cleanup_mode=None)
     return server.get_uri()
 
 

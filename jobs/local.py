@@ -6,6 +6,7 @@ Everything it writes is under .run/ (logs in .run/logs/jobs.log). Running it twi
 from __future__ import annotations
 
 import json
+import secrets
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from jobs import db
-from jobs.config import Settings
+from jobs.config import DATA_PLANE_TOKEN_FILE, Settings
 from jobs.store import create_key
 
 HOST = "127.0.0.1"
@@ -72,11 +73,22 @@ def _ensure_key(settings: Settings, database_url: str) -> dict:
     return created
 
 
+def _ensure_data_plane_token(settings: Settings) -> None:
+    """The local TorchServe's credential for the cancellation check (.run/data_plane_token):
+    the handler reads the same file (scripts/serve.py points it there)."""
+    path = settings.run_dir / DATA_PLANE_TOKEN_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32) + "\n")
+        path.chmod(0o600)
+
+
 def start(settings: Settings) -> int:
     url = f"http://{HOST}:{_port()}"
     database_url = settings.database_url or db.embedded_url(settings.run_dir)
     db.migrate(database_url)
     _ensure_key(settings, database_url)
+    _ensure_data_plane_token(settings)
     if _running_pid(settings) and _ready(url):
         print(f"job service already running: {url}")
     else:

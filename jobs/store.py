@@ -216,6 +216,12 @@ class Store:
 
     # --- the worker's side ---
 
+    async def is_active(self, video_id: str) -> bool:
+        """Queued or running (not cancelled, finished or deleted)."""
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute("SELECT status FROM video_jobs WHERE id = %s", (video_id,))).fetchone()
+        return row is not None and row["status"] in ACTIVE
+
     async def load_for_work(self, video_id: str) -> tuple[dict[str, Any] | None, str | None]:
         async with self.pool.connection() as conn:
             row = await (await conn.execute("SELECT * FROM video_jobs WHERE id = %s", (video_id,))).fetchone()

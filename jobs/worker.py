@@ -188,7 +188,7 @@ class Runner:
                 return True
 
         try:
-            outcome = await dataplane.run(endpoint, request, on_progress, self.client)
+            outcome = await dataplane.run(endpoint, request, on_progress, self.client, job_id=video_id)
         except dataplane.Stopped:
             await self.store.end_attempt(video_id, "cancelled", "the job was cancelled while it ran")
             return

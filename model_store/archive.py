@@ -1,7 +1,10 @@
-"""Model archives over ``torch-model-archiver``: handler code and model-config.yaml, no weights.
+"""Model archives over ``torch-model-archiver``: an entry file and model-config.yaml, no code, no weights.
 
-The archive carries the ``handler`` package and the model's model-config.yaml;
-``handler.model_path`` points at the weights outside it. The default format is
+The code has one owner, the installed ``handler`` package (the serving image installs it; a
+checkout's venv has it editable). The archive carries only the entry file TorchServe loads, which
+subclasses the installed handler, and the model's model-config.yaml; ``handler.model_path``
+points at the weights outside it. (An archive that carried the package too would win on the
+worker's PYTHONPATH over the image's copy, and the two would be built and versioned apart.) The default format is
 ``no-archive`` (a plain folder TorchServe symlinks instead of extracting), which is also what
 KServe's model store holds. Weights are never put in an archive: a zipped ``.mar`` is copied
 and extracted on every registration, doubling disk use and start time.
@@ -20,11 +23,21 @@ from pathlib import Path
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-HANDLER_PACKAGE = REPO_ROOT / "handler"
 HANDLER_ENTRY = "wan_handler.py"
 FORMATS = ("no-archive", "default", "tgz", "zip-store")
-# Files whose change makes an existing archive stale.
-_SOURCE_SUFFIXES = {".py", ".yaml", ".yml"}
+# The archive's whole code. TorchServe wants exactly one class defined in the entry file, and
+# counts only classes defined there (not imported), hence a subclass rather than an import.
+ENTRY_FILE_TEXT = '''"""TorchServe entry file of the Wan2.2 model (written by model_store/archive.py).
+
+All code is the installed ``handler`` package (the serving image's): this file only names it.
+"""
+
+from handler.wan_handler import WanVideoHandler as InstalledHandler
+
+
+class WanVideoHandler(InstalledHandler):
+    pass
+'''
 
 
 def console_script(name: str, module_fallback: list[str]) -> list[str]:
@@ -43,12 +56,12 @@ def archive_path(export_dir: str | Path, model_name: str, archive_format: str) -
 
 
 def _latest_source_mtime(config_file: Path) -> float:
-    files = [config_file] + [p for p in HANDLER_PACKAGE.rglob("*") if p.suffix in _SOURCE_SUFFIXES]
-    return max(p.stat().st_mtime for p in files)
+    # The code is not in the archive: only its config and this builder (the entry file) make it stale.
+    return max(p.stat().st_mtime for p in (config_file, Path(__file__)))
 
 
 def is_current(export_dir: str | Path, model_name: str, config_file: str | Path) -> bool:
-    """True when a no-archive folder exists and is newer than the handler code and config."""
+    """True when a no-archive folder exists and is newer than its config and its entry file."""
     manifest = archive_path(export_dir, model_name, "no-archive") / "MAR-INF" / "MANIFEST.json"
     return manifest.is_file() and manifest.stat().st_mtime >= _latest_source_mtime(Path(config_file))
 
@@ -79,10 +92,8 @@ def build_archive(
     target = archive_path(export_dir, model_name, archive_format)
     with tempfile.TemporaryDirectory(prefix="wan-archive-") as staging_dir:
         staging = Path(staging_dir)
-        # --extra-files copies a folder's contents flat: wrap the package in a parent folder
-        # so the archive keeps handler/ as an importable package next to the entry file.
-        extra = staging / "extra"
-        shutil.copytree(HANDLER_PACKAGE, extra / "handler", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        entry = staging / HANDLER_ENTRY
+        entry.write_text(ENTRY_FILE_TEXT)
         model_config = staging / "model-config.yaml"
         model_config.write_text(
             f"# Built by model_store/archive.py from {Path(config_file).name}\n"
@@ -94,8 +105,7 @@ def build_archive(
             *console_script("torch-model-archiver", ["-m", "model_archiver.model_packaging"]),
             "--model-name", model_name,
             "--version", version,
-            "--handler", str(HANDLER_PACKAGE / HANDLER_ENTRY),
-            "--extra-files", str(extra),
+            "--handler", str(entry),
             "--config-file", str(model_config),
             "--archive-format", archive_format,
             "--export-path", str(export_dir),

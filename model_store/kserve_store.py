@@ -6,8 +6,10 @@ KServe's storage initializer copies everything under ``storageUri`` to ``/mnt/mo
 
     config/config.properties   config/kserve/config.properties + a model_snapshot generated
                                from the variant's config/models/<variant>.yaml
-    model-store/wan/           the no-archive model folder: wan_handler.py, handler/,
-                               model-config.yaml, MAR-INF/MANIFEST.json (no weights)
+    config/metrics.yaml        the metrics TorchServe exports (config/metrics.yaml)
+    model-store/wan/           the no-archive model folder: the entry file wan_handler.py,
+                               model-config.yaml, MAR-INF/MANIFEST.json (no code: the image's
+                               handler package serves; no weights)
     weights/<variant>/         the diffusers checkpoint that handler.model_path
                                (/mnt/models/weights/<variant>) points at
 
@@ -39,6 +41,7 @@ from model_store.archive import build_archive
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO_ROOT / "config" / "kserve" / "config.properties"
+METRICS_CONFIG = REPO_ROOT / "config" / "metrics.yaml"
 MODEL_CONFIG_DIR = REPO_ROOT / "config" / "models"
 # One store per model config: the three variants on one GPU, and one worker spread over several
 # GPUs (torchrun ranks; config/models/*-2gpu.yaml, *-4gpu.yaml).
@@ -47,6 +50,7 @@ MOUNT_PATH = PurePosixPath("/mnt/models")  # where KServe puts the store in the 
 MODEL_NAME = "wan"  # the TorchServe model name: /v1/models/wan:predict
 MODEL_VERSION = "1.0"  # the archive's version; the snapshot is keyed by it
 CONFIG_FILE = "config/config.properties"
+METRICS_FILE = "config/metrics.yaml"
 MODEL_STORE_DIR = "model-store"
 # What TorchServe needs per model in model_snapshot (the first four are required by its
 # snapshot loader; the timeouts fall back to 120 s when missing, which we never allow).
@@ -129,6 +133,10 @@ def render_config_properties(model_config: dict[str, Any], template_text: str | 
     if owned:
         raise StoreError(f"the KServe config template sets {', '.join(owned)}; the store builder generates "
                          "the model list from the model config, remove it from the template")
+    metrics_config = read_properties(text).get("metrics_config")
+    if metrics_config != str(MOUNT_PATH / METRICS_FILE):
+        raise StoreError(f"the KServe config template must set metrics_config={MOUNT_PATH / METRICS_FILE} (the "
+                         f"store's copy of config/metrics.yaml), got {metrics_config!r}")
     snapshot = json.dumps(model_snapshot(model_config, model_name, source=source), separators=(",", ":"))
     if "\\" in snapshot:  # Java properties would read a backslash as an escape
         raise StoreError(f"{source}: the model snapshot may not contain backslashes")
@@ -223,6 +231,7 @@ def build_kserve_store(model_config_file: str | Path, out_dir: str | Path, weigh
     config_path = out / CONFIG_FILE
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(properties, encoding="utf-8")
+    shutil.copyfile(METRICS_CONFIG, out / METRICS_FILE)
 
     weights_dir = out / location if location is not None else None
     if weights is not None and weights_dir is not None:
@@ -262,6 +271,8 @@ def inspect_store(root: str | Path) -> KServeStore:
     if not config_file.is_file():
         raise StoreError(f"{root} is not a KServe model store: {CONFIG_FILE} is missing")
     snapshot = snapshot_of(read_properties(config_file.read_text(encoding="utf-8")))
+    if not (root / METRICS_FILE).is_file():  # config.properties names it: TorchServe would not start
+        raise StoreError(f"{root}: {METRICS_FILE} is missing (a store built before the metrics config; rebuild it)")
     models = snapshot["models"]
     if len(models) != 1:
         raise StoreError(f"{config_file}: expected exactly one model in model_snapshot, got {sorted(models)}")
@@ -298,8 +309,10 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def _upload_order(relative: PurePosixPath) -> tuple[int, str]:
-    # Weights first, the model folder next, the config last: a store whose config is present is
-    # complete as far as the runtime can tell.
+    # Weights first, the model folder next, config.properties last (after the metrics.yaml it
+    # names): a store whose config.properties is present is complete as far as the runtime can tell.
+    if relative.as_posix() == CONFIG_FILE:
+        return (3, "")
     top = relative.parts[0]
     return ({"config": 2, MODEL_STORE_DIR: 1}.get(top, 0), relative.as_posix())
 

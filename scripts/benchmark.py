@@ -13,6 +13,11 @@ Stages (``--stages``, in this order):
 - ``parallel``: the same request on one worker of N ranks for each N of ``--nproc`` (1,2 by
   default), each run as TorchServe runs it (torchrun, scripts/ranks.py): seconds per stage, the
   speedup of each stage over the first N, and how far each run's frames are from the first's.
+- ``encode``: the MP4 encoder alone, for each x264 setting of ``--x264-params`` (the first is the
+  reference): seconds, bytes, and how many different files ``--repeat`` encodes of the same frames
+  gave (1 means reproducible), on the tiny model's frames for the request and on a synthetic
+  stack (``--synthetic-frames``, 1280x704x121 by default: smooth moving colour fields with noise,
+  the size of a TI2V-5B video).
 
 Writes one JSON file (command, device, versions, every figure) and prints a summary.
 
@@ -22,6 +27,8 @@ Writes one JSON file (command, device, versions, every figure) and prints a summ
         --stages build,inprocess,torchserve --repeat 5 --out benchmarks/results/cpu-tiny.json
     python -m scripts.benchmark --variant ti2v-5b --size full --checkpoint /tmp/ti2v-full \
         --stages build,parallel --nproc 1,2 --out benchmarks/results/h200x2-ti2v-5b.json
+    python -m scripts.benchmark --size tiny --width 64 --height 64 --num-frames 9 --steps 2 --seed 7 \
+        --stages build,encode --repeat 40 --out benchmarks/results/cpu-x264-determinism.json
     python -m scripts.benchmark chart benchmarks/results/*.json --out benchmarks/chart.png
 """
 
@@ -50,7 +57,7 @@ import yaml
 
 from scripts.serve import REPO_ROOT, isolated_layout, read_key, start, stop
 
-STAGES = ("build", "baseline", "inprocess", "torchserve", "parallel")
+STAGES = ("build", "baseline", "inprocess", "torchserve", "parallel", "encode")
 MODEL_CONFIGS = {"ti2v-5b": "ti2v-5b.yaml", "t2v-a14b": "t2v-a14b.yaml", "i2v-a14b": "i2v-a14b.yaml"}
 PROMPT = "A red fox trots through fresh snow at dawn, soft golden light, the camera tracking alongside."
 
@@ -368,6 +375,50 @@ class Benchmark:
             entry[f"frames_vs_{first}"] = {"max_abs": int(difference.max()), "mean_abs": float(difference.mean()),
                                            "share_differing": float((difference > 0).mean())}
 
+    def encode(self) -> None:
+        """Each x264 setting on the same frames, ``--repeat`` times: time, size, distinct files."""
+        import dataclasses
+        import hashlib
+
+        from handler.config import load_handler_config
+        from handler.service import WanService
+        from handler.video import encode_mp4
+
+        service = WanService.from_model_config(self.model_yaml, REPO_ROOT)
+        request = service.parse(dict(self.request))
+        stacks = {"tiny_model": service.pipeline.generate(request).frames}
+        if self.args.synthetic_frames:
+            width, height, count = (int(n) for n in self.args.synthetic_frames.split("x"))
+            stacks[f"synthetic_{self.args.synthetic_frames}"] = _synthetic_frames(width, height, count)
+        del service
+        base = load_handler_config(self.model_yaml, REPO_ROOT).video
+        settings = self.args.x264_params
+        result: dict[str, Any] = {"crf": base.crf, "preset": base.preset, "fps": request.fps, "stacks": {}}
+        for name, frames in stacks.items():
+            repeat = self.args.repeat if name == "tiny_model" else max(1, self.args.repeat // 4)
+            rows = {}
+            for params in settings:
+                video = dataclasses.replace(base, x264_params=params)
+                seconds, digests = [], {}
+                for _ in range(repeat):
+                    mark = time.perf_counter()
+                    mp4 = encode_mp4(frames, request.fps, video)
+                    seconds.append(time.perf_counter() - mark)
+                    digest = hashlib.sha256(mp4).hexdigest()[:16]
+                    digests[digest] = digests.get(digest, 0) + 1
+                rows[params or "x264 defaults"] = {
+                    "encodes": repeat, "distinct_files": len(digests), "most_common_share": max(digests.values()) / repeat,
+                    "median_s": round(statistics.median(seconds), 4), "bytes": len(mp4),
+                }
+                print(f"  {name} {params or 'x264 defaults'}: {rows[params or 'x264 defaults']}", flush=True)
+            reference = rows[settings[0] or "x264 defaults"]
+            for row in rows.values():
+                row["time_vs_first"] = round(row["median_s"] / reference["median_s"], 2)
+                row["bytes_vs_first"] = round(row["bytes"] / reference["bytes"], 3)
+            shape = frames.shape
+            result["stacks"][name] = {"frames": f"{shape[2]}x{shape[1]}x{shape[0]}", "settings": rows}
+        self.result["encode"] = result
+
     def run(self) -> dict[str, Any]:
         for stage in self.args.stages:
             print(f"== {stage}", flush=True)
@@ -385,6 +436,23 @@ def _image(width: int, height: int):
     from PIL import Image
 
     return Image.new("RGB", (width, height), (128, 110, 90))
+
+
+def _synthetic_frames(width: int, height: int, count: int):
+    """Smooth colour fields drifting across the frame plus a little noise: moving content an
+    encoder has to work on (random weights give noise; this is closer to a real video)."""
+    import numpy as np
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rng = np.random.default_rng(0)
+    frames = np.empty((count, height, width, 3), np.uint8)
+    for t in range(count):
+        red = 128 + 100 * np.sin((x + 4 * t) / 90.0) * np.cos(y / 70.0)
+        green = 128 + 100 * np.sin((y - 3 * t) / 60.0 + x / 200.0)
+        blue = 128 + 100 * np.cos((x + y + 5 * t) / 120.0)
+        noisy = np.stack([red, green, blue], -1) + rng.normal(0, 6, (height, width, 3))
+        frames[t] = np.clip(noisy, 0, 255).astype(np.uint8)
+    return frames
 
 
 def _summary(runs: list[dict[str, Any]], request: dict[str, Any]) -> dict[str, Any]:
@@ -500,6 +568,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nproc", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
                         help="parallel stage: rank counts to run, the first is the reference")
     parser.add_argument("--parallel", action="append", default=[], help="handler.parallel override, e.g. cfg_split=false")
+    parser.add_argument("--x264-params", type=lambda s: s.split(","),
+                        default=["", "mbtree=0", "asm=0", "mbtree=0:rc-lookahead=0", "asm=0:threads=1"],
+                        help="encode stage: comma-separated x264 settings to compare ('' is x264's defaults)")
+    parser.add_argument("--synthetic-frames", default="1280x704x121",
+                        help="encode stage: WxHxF of the synthetic stack encoded besides the model's frames ('' for none)")
     parser.add_argument("--out", help="JSON file for the results")
     args = parser.parse_args(argv)
     unknown = [s for s in args.stages if s not in STAGES]

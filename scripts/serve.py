@@ -80,6 +80,9 @@ def isolated_layout(root: Path, extra_properties: str = "", **layout: object) ->
     for default, port in (("8080", inference), ("8081", management), ("8082", metrics)):
         properties = properties.replace(f"127.0.0.1:{default}", f"127.0.0.1:{port}")
     properties += f"\ngrpc_inference_port={grpc_inference}\ngrpc_management_port={grpc_management}\n"
+    # Started from another folder than .run/: the metrics declarations by their absolute path.
+    properties = properties.replace("metrics_config=../config/metrics.yaml",
+                                    f"metrics_config={REPO_ROOT / 'config' / 'metrics.yaml'}")
     root.mkdir(parents=True, exist_ok=True)
     ts_config = root / "config.properties"
     ts_config.write_text(properties + extra_properties)

@@ -426,3 +426,93 @@ def test_multi_gpu_config_splits_the_real_transformer_and_the_default_sizes(stem
     for width, height in spec.native_sizes:
         tokens = latent_frames * (height // spec.size_multiple) * (width // spec.size_multiple)
         assert tokens % layouts[0].ulysses_degree == 0, (width, height, tokens)
+
+
+# --- one source: request rules for the job service, derived key lists, the TorchServe keys -----
+
+
+def test_request_rules_without_weights_or_torch():
+    """The job service reads a model's rules from its model-config.yaml alone: the weights need
+    not exist, and the limits and defaults are the handler's own."""
+    from handler.config import load_request_rules
+
+    model_yaml = yaml.safe_load(Path("config/models/tiny-ti2v.yaml").read_text())
+    model_yaml["handler"]["model_path"] = "/nowhere/at/all"
+    rules = load_request_rules(model_yaml)
+    config = load_handler_config(model_yaml, "/")
+    assert (rules.limits, dict(rules.default_overrides)) == (config.limits, dict(config.default_overrides))
+    assert rules.defaults_for(TI2V_5B.defaults) == config.defaults_for(TI2V_5B.defaults)
+    assert rules.limits.max_side_px == 640 and rules.defaults_for(TI2V_5B.defaults).width == 256
+    request = parse_request({"prompt": "x"}, TI2V_5B, rules.defaults_for(TI2V_5B.defaults), rules.limits, False)
+    assert (request.width, request.num_frames) == (256, 33)
+    assert load_request_rules(None) == load_request_rules({"handler": {}})
+    with pytest.raises(ConfigError, match="handler.defaults.widht"):
+        load_request_rules({"handler": {"defaults": {"widht": 64}}})
+    with pytest.raises(ConfigError, match="handler.limits.max_side_px must be int"):
+        load_request_rules({"handler": {"limits": {"max_side_px": "640"}}})
+
+
+def test_the_request_modules_never_import_torch_or_diffusers():
+    """The job service imports the request rules: they must not pull torch (seconds and GBs)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, handler.request, handler.config, handler.variants; "
+            "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'av') if m in sys.modules); "
+            "print(','.join(heavy))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_key_lists_are_derived_from_the_dataclasses():
+    from handler.config import DEFAULT_KEYS, HANDLER_KEYS, WorkerSettings
+    from handler.request import FIELDS, GenerationRequest
+
+    assert set(DEFAULT_KEYS) == {f.name for f in dataclasses.fields(GenerationDefaults)}
+    assert DEFAULT_KEYS["guidance_scale_2"] is float and DEFAULT_KEYS["negative_prompt"] is str
+    assert set(HANDLER_KEYS) == {"model_path", "defaults", "limits", "video", "speed", "parallel", "cpu_threads",
+                                 "deadline_s"}
+    assert FIELDS == tuple(f.name for f in dataclasses.fields(GenerationRequest))
+    assert WorkerSettings().max_workers == 1
+
+
+def test_torchserve_worker_keys_are_read_with_the_rest(tmp_path):
+    config = load_handler_config({"maxWorkers": 3, "deviceType": "gpu", "handler": {"model_path": "/m"}}, tmp_path)
+    assert (config.worker.max_workers, config.worker.wants_gpu) == (3, True)
+    assert not load_handler_config({"handler": {"model_path": "/m"}}, tmp_path).worker.wants_gpu
+    with pytest.raises(ConfigError, match="maxWorkers must be int"):
+        load_handler_config({"maxWorkers": "2", "handler": {"model_path": "/m"}}, tmp_path)
+
+
+@pytest.mark.parametrize("params", ["mbtree 0", "mbtree=0;rm -rf", "=1"])
+def test_bad_x264_params_are_refused(params, tmp_path):
+    with pytest.raises(ConfigError, match="x264_params"):
+        load_handler_config({"handler": {"model_path": "/m", "video": {"x264_params": params}}}, tmp_path)
+
+
+def test_the_job_service_reads_the_handlers_rules_and_names_a_bad_model_config(tmp_path):
+    """jobs/config.py takes a model's limits and defaults from load_request_rules: the same as
+    the handler's, with no torch; a bad handler section names the job service's model entry."""
+    import subprocess
+    import sys
+
+    from handler.config import load_request_rules
+    from jobs.config import JobsConfigError, load_settings
+
+    jobs_yaml = Path("config/jobs.yaml").resolve()
+    [model] = load_settings(jobs_yaml, tmp_path, environ={}).models
+    rules = load_request_rules(yaml.safe_load(Path("config/models/tiny-ti2v.yaml").read_text()))
+    assert (model.limits, model.defaults) == (rules.limits, rules.defaults_for(TI2V_5B.defaults))
+
+    (tmp_path / "bad.yaml").write_text("handler:\n  defaults:\n    widht: 64\n")
+    raw = yaml.safe_load(jobs_yaml.read_text())
+    raw["models"][0]["model_config"] = str(tmp_path / "bad.yaml")
+    (tmp_path / "jobs.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(JobsConfigError, match=r"models\[0\]\.model_config: unknown key handler\.defaults\.widht"):
+        load_settings(tmp_path / "jobs.yaml", tmp_path, environ={})
+
+    code = ("import sys, jobs.config; jobs.config.load_settings(sys.argv[1], sys.argv[2], environ={}); "
+            "print(','.join(m for m in ('torch', 'diffusers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code, str(jobs_yaml), str(tmp_path)], capture_output=True,
+                            text=True, timeout=120, check=True)
+    assert result.stdout.strip() == ""

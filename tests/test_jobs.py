@@ -349,8 +349,9 @@ def test_endpoints_private_first_failures_retried_4xx_not(tmp_path, jobs_torchse
     flaky_url = f"http://127.0.0.1:{flaky.server_address[1]}"
     config = jobs_config(
         jobs_torchserve,
-        # Queue full on the private endpoint: retried (same seed) on the public one.
-        burst=[{"name": "private", "url": flaky_url, "priority": 0, "key_file": None},
+        # Queue full on the private endpoint: it cools down, and the retry (same seed) goes to the
+        # public one.
+        burst=[{"name": "private", "url": flaky_url, "priority": 0, "key_file": None, "cooldown_s": 60},
                {"name": "public", "priority": 1}],
         # Nothing listens: connection refused, every attempt recorded, then failed with the reason.
         down=[{"name": "gone", "url": "http://127.0.0.1:9", "key_file": None}],
@@ -399,3 +400,26 @@ def test_models_health_and_metrics(jobs_service, alice):
                  "wan_jobs_submitted_total"):
         assert name in text, name
     assert 'wan_jobs{model="wan",status="completed"}' in text
+
+
+def test_data_plane_asks_whether_a_job_is_still_wanted(tmp_path, jobs_torchserve):
+    """The route the TorchServe handler's cancellation check calls: its own token, not a user's."""
+    database = Postgres(tmp_path / "pg")
+    database.start()
+    service = JobService(tmp_path, database, jobs_config(jobs_torchserve), env={"JOBS_DATA_PLANE_TOKEN": "dp-secret"})
+    service.start()
+    try:
+        key = service.new_key("someone")
+        with service.client(key) as client:
+            running = client.post("/v1/videos", json={"prompt": "long", **SLOW_JOB}).json()
+            route = f"/internal/v1/videos/{running['id']}/wanted"
+            # A user's key is not the data plane's: 401, and nothing about the job is told.
+            assert client.get(route).status_code == 401
+            with service.client("dp-secret") as plane:
+                assert plane.get(route).json() == {"id": running["id"], "wanted": True}
+                client.post(f"/v1/videos/{running['id']}/cancel")
+                assert plane.get(route).json()["wanted"] is False
+                assert plane.get("/internal/v1/videos/video_0000/wanted").json()["wanted"] is False
+    finally:
+        service.stop()
+        database.stop()

@@ -16,6 +16,7 @@ import yaml
 from handler.video import probe_mp4
 from model_store.kserve_store import (
     CONFIG_FILE,
+    METRICS_CONFIG,
     MODEL_CONFIG_DIR,
     MODEL_NAME,
     MODEL_VERSION,
@@ -52,12 +53,16 @@ def test_variant_store_layout_matches_what_the_runtime_reads(tmp_path, variant):
     assert store.config_file == tmp_path / variant / "config" / "config.properties"
     assert (store.model_store / "wan" / "MAR-INF" / "MANIFEST.json").is_file()
     assert (store.model_store / "wan" / "wan_handler.py").is_file()
-    assert (store.model_store / "wan" / "handler" / "service.py").is_file()
+    assert not (store.model_store / "wan" / "handler").exists()  # the image's package is the one copy
+    assert (store.root / "config" / "metrics.yaml").read_text() == METRICS_CONFIG.read_text()
     config = yaml.safe_load((store.model_dir / "model-config.yaml").read_text())
     # handler.model_path resolves inside the store once KServe mounts it at /mnt/models.
     assert config["handler"]["model_path"] == f"/mnt/models/weights/{variant}"
     assert store.weights_dir == store.root / "weights" / variant
     assert not [p for p in store.root.rglob("*") if p.suffix in WEIGHT_SUFFIXES]
+    (store.root / "config" / "metrics.yaml").unlink()  # config.properties names it
+    with pytest.raises(StoreError, match="config/metrics.yaml is missing"):
+        inspect_store(store.root)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -192,8 +197,8 @@ def test_upload_puts_the_store_under_the_prefix(moto, tiny_store):
     assert {"tiny/config/config.properties", "tiny/model-store/wan/MAR-INF/MANIFEST.json",
             "tiny/model-store/wan/model-config.yaml", "tiny/weights/tiny-ti2v-5b/model_index.json"} <= expected
     assert not [k for k in expected if "__pycache__" in k or k.endswith(".pyc")]
-    # The config goes last: a store with its config present is complete.
-    assert "config/config.properties" in logged[-1]
+    # config.properties goes last (after the metrics.yaml it names): a store with it is complete.
+    assert "config/config.properties" in logged[-1] and "config/metrics.yaml" in logged[-2]
     body = client.get_object(Bucket="wan-models-upload", Key="tiny/config/config.properties")["Body"].read()
     assert body == (tiny_store.root / CONFIG_FILE).read_bytes()
     weights = client.get_object(Bucket="wan-models-upload", Key="tiny/weights/tiny-ti2v-5b/model_index.json")
@@ -244,6 +249,7 @@ def _local_store(root: Path, weights: Path, model_config: Path) -> tuple[Path, d
         "metrics_address=http://0.0.0.0:8082": f"metrics_address=http://127.0.0.1:{metrics}",
         "grpc_inference_port=7070": f"grpc_inference_port={grpc_inference}",
         "grpc_management_port=7071": f"grpc_management_port={grpc_management}",
+        "metrics_config=/mnt/models/config/metrics.yaml": f"metrics_config={store.root / 'config' / 'metrics.yaml'}",
     }
     for old, new in replacements.items():
         assert text.count(old) == 1, old
@@ -303,7 +309,8 @@ def test_no_token_needed_as_for_kserves_probes(kserve):
     assert not kserve.key_file.exists()
     assert requests.get(f"{kserve.inference_url}/ping", timeout=10).json()["status"] == "Healthy"
     metrics = requests.get(f"{kserve.metrics_url}/metrics", timeout=10)
-    assert metrics.status_code == 200 and "# TYPE" in metrics.text
+    # The store's metrics.yaml is the one TorchServe read: the handler's metrics are declared.
+    assert metrics.status_code == 200 and "# TYPE wan_stage_seconds histogram" in metrics.text
 
 
 def test_the_server_writes_neither_its_working_directory_nor_the_store(kserve):

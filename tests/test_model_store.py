@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -45,17 +46,32 @@ def test_builder_skips_a_complete_checkpoint_and_rebuilds_a_partial_one(tmp_path
     assert (out / COMPLETE_MARKER).is_file()
 
 
-def test_no_archive_holds_handler_and_config_but_no_weights(tmp_path):
+def test_no_archive_holds_the_entry_file_and_config_but_no_code_or_weights(tmp_path):
     target = build_archive("wan", "config/models/ti2v-5b.yaml", tmp_path, model_path="/mnt/models/weights/x")
     assert target == archive_path(tmp_path, "wan", "no-archive") == tmp_path / "wan"
     manifest = json.loads((target / "MAR-INF" / "MANIFEST.json").read_text())["model"]
     assert manifest["handler"] == "wan_handler.py" and manifest["configFile"] == "model-config.yaml"
-    assert (target / "handler" / "service.py").is_file()  # the package, not flattened
+    # One copy of the code per pod: the installed handler package, never one in the store.
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == [
+        "MAR-INF/MANIFEST.json", "model-config.yaml", "wan_handler.py"]
     config = yaml.safe_load((target / "model-config.yaml").read_text())
     assert config["handler"]["model_path"] == "/mnt/models/weights/x"
     assert config["responseTimeout"] == 900
-    assert not [p for p in target.rglob("*") if p.suffix in WEIGHT_SUFFIXES]
-    assert not list(target.rglob("__pycache__"))
+
+
+def test_entry_file_is_the_installed_handler_as_torchserve_loads_it(tmp_path):
+    """TorchServe imports the entry file by name from the model folder and takes the one class
+    defined in it (ts.model_loader); that class must be the installed handler's."""
+    from ts.utils.util import list_classes_from_module
+
+    from handler.wan_handler import WanVideoHandler as Installed
+
+    target = build_archive("wan", "config/models/tiny-ti2v.yaml", tmp_path, model_path="/w")
+    spec = importlib.util.spec_from_file_location("wan_handler", target / "wan_handler.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    [entry_class] = list_classes_from_module(module)
+    assert entry_class.__bases__ == (Installed,) and entry_class.__module__ == "wan_handler"
 
 
 def test_zipped_archive_is_small_and_weightless(tmp_path):
@@ -63,11 +79,11 @@ def test_zipped_archive_is_small_and_weightless(tmp_path):
     assert target.suffix == ".mar" and target.stat().st_size < 200_000
 
 
-def test_archive_goes_stale_when_the_handler_changes(tmp_path):
+def test_archive_goes_stale_when_its_config_or_entry_file_changes(tmp_path):
     config = Path("config/models/tiny-ti2v.yaml")
     build_archive("wan", config, tmp_path, model_path="/w")
     assert is_current(tmp_path, "wan", config)
     manifest = tmp_path / "wan" / "MAR-INF" / "MANIFEST.json"
-    newest_source = max(p.stat().st_mtime for p in Path("handler").glob("*.py"))
-    os.utime(manifest, (newest_source - 10, newest_source - 10))
-    assert not is_current(tmp_path, "wan", config)
+    for source in (config, Path("model_store/archive.py")):  # archive.py writes the entry file
+        os.utime(manifest, (source.stat().st_mtime - 10, source.stat().st_mtime - 10))
+        assert not is_current(tmp_path, "wan", config)

@@ -16,6 +16,7 @@ from PIL import Image
 from handler.errors import ConfigError, InvalidRequest, PayloadTooLarge, StorageReadError
 from handler.service import WanService
 from handler.storage import ObjectStore, StorageConfig, StorageUnavailable
+from handler.version import code_version
 from handler.video import probe_mp4
 from scripts.serve import stop
 from tests.conftest import SMALL, png_base64, start_server
@@ -140,6 +141,7 @@ def test_service_returns_url_and_falls_back_inline(aws_env, moto, bucket, servic
     sidecar = json.loads(moto.client().get_object(Bucket=bucket, Key=sidecar_key)["Body"].read())
     assert sidecar["parameters"]["seed"] == 3 and sidecar["model"] == {"name": "wan", "version": "1.0"}
     assert sidecar["variant"] == "ti2v-5b" and "denoise_s" in sidecar["timings"]
+    assert sidecar["code_version"] == result["code_version"] == code_version().to_json()
 
     moto.client().delete_objects(Bucket=bucket, Delete={"Objects": [
         {"Key": obj["Key"]} for obj in moto.client().list_objects_v2(Bucket=bucket)["Contents"]]})
@@ -147,6 +149,20 @@ def test_service_returns_url_and_falls_back_inline(aws_env, moto, bucket, servic
     result = service.handle(dict(SMALL_BODY), "req-lost-bucket").body
     assert "base64" in result["video"] and "url" not in result["video"]
     assert len(result["warnings"]) == 1 and "NoSuchBucket" in result["warnings"][0]
+
+
+def test_storage_fallback_is_counted_apart_from_ok(aws_env, moto, services):
+    from handler.metrics import GenerationMetrics
+
+    counted = []
+    base = services["ti2v-5b"]
+    store = ObjectStore(StorageConfig(bucket=f"missing-{uuid.uuid4().hex[:8]}", recheck_s=0, max_attempts=1))
+    service = WanService(base.config, base.pipeline, store, metrics=GenerationMetrics(
+        lambda metric, value, labels: counted.append((metric.name, dict(labels))), "wan"))
+    result = service.handle(dict(SMALL_BODY), "req-fallback").body
+    assert "base64" in result["video"] and result["warnings"]
+    assert ("wan_requests_total", {"ModelName": "wan", "outcome": "storage_fallback", "status": "200"}) in counted
+    assert ("wan_stage_seconds", {"ModelName": "wan", "stage": "upload"}) in counted
 
 
 # -- through TorchServe ------------------------------------------------------------------

@@ -38,13 +38,48 @@ RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 COPY constraints.txt setup.cfg pyproject.toml README.md ./
 COPY handler/ handler/
 COPY model_store/ model_store/
-COPY scripts/ scripts/
-# setup.cfg installs the job service too (its own process, jobs/; not started by this image).
-COPY jobs/ jobs/
 # Our package and everything else, under the same constraints as every install in the repo
-# (torch==2.13.0 is already satisfied by the CUDA build, so pip keeps it).
+# (torch==2.13.0 is already satisfied by the CUDA build, so pip keeps it). Only handler/ and
+# model_store/ are here: the operator CLIs, the manifest validator and the tests stay out of the
+# image, so the validator's console script (setup.cfg) goes too.
 RUN pip install -c constraints.txt . \
+    && rm /opt/venv/bin/wan-validate-manifests \
     && python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('${TORCH_VERSION}+cu') else 'torch was replaced: ' + torch.__version__)"
+
+# -- jobs: the job service's image (jobs/deploy/), no torch ----------------------------------------
+#
+#   docker build --target jobs -t registry.wan.internal/wan/wan-jobs:0.1.0 .
+#
+# The job service generates nothing: it shares the handler's request rules (handler/) and calls the
+# data plane over HTTP. So our package goes in without its install_requires (torch, TorchServe,
+# diffusers: the serving image's), and the `jobs` extra's packages are read from setup.cfg, the one
+# list of them. The models' configs ride along (jobs.yaml's model_config paths, checked by
+# scripts/manifests/jobs.py): the job service refuses at submission what a model would refuse.
+FROM python:3.12-slim-bookworm AS jobs
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY constraints.txt setup.cfg pyproject.toml README.md ./
+COPY handler/ handler/
+COPY jobs/ jobs/
+RUN pip install --no-cache-dir --no-deps . \
+    && python -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); print(c['options.extras_require']['jobs'])" > /tmp/jobs-requirements.txt \
+    && pip install --no-cache-dir -c constraints.txt -r /tmp/jobs-requirements.txt \
+    && rm -f /tmp/jobs-requirements.txt /opt/venv/bin/wan-validate-manifests \
+    && python -c "import importlib.util, sys; sys.exit('torch reached the jobs image' if importlib.util.find_spec('torch') else 0)"
+COPY config/models/ /opt/wan-jobs/config/models/
+# Numeric, so that Kubernetes can verify runAsNonRoot (jobs/deploy/ runs it as 10001).
+RUN useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin wan-jobs
+USER 10001:10001
+WORKDIR /tmp
+# 8000: the API, its page, /healthz, /readyz and /metrics; 9100: the worker's metrics.
+EXPOSE 8000 9100
+ENTRYPOINT ["python", "-m", "jobs"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
 
 # -- runtime --------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS runtime

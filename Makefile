@@ -62,7 +62,7 @@ tools: $(TOOLS_STAMP)
 # checkov on the Dockerfile, the configs, kserve/ and karmada/ and the rendered predictor pods:
 # the same scan as tests/test_security.py; fails on any finding that is not accepted with a reason.
 security: $(STAMP) $(TOOLS_STAMP)
-	$(PY) -m scripts.security_scan
+	$(PY) -m scripts.manifests.security
 
 tiny-models: $(STAMP)
 	$(PY) -m model_store.tiny_model --layout all --out weights
@@ -79,7 +79,7 @@ bench-cpu: $(STAMP)
 # The reliability campaign of RELIABILITY.md (about 10 minutes on 2 cores): load, faults, hostile input, each
 # on a fresh TorchServe. make test runs the same scenarios at --quick sizes.
 campaign: $(STAMP)
-	$(PY) -m scripts.campaign --out reliability/results/campaign.json
+	$(PY) -m tests.harness.campaign --out reliability/results/campaign.json
 
 clean: stop
 	rm -rf .run weights model_store/wan

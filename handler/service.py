@@ -156,7 +156,7 @@ class WanService:
         # glibc keeps the pages a request freed (frames, decode buffers, the encoder's) in its
         # arenas: without this RSS grew by ~0.5 MiB per small request (no Python object left
         # behind) and held a big request's ~300 MiB until a later one reused it. Cost: ~5 ms
-        # after a small request, ~30 ms after a big one (scripts/heap_trim.py, RELIABILITY.md).
+        # after a small request, ~30 ms after a big one (tests/harness/heap_trim.py, RELIABILITY.md).
         trim_host_heap()
         return reply
 

@@ -6,8 +6,8 @@ Everything it writes is under .run/ (logs in .run/logs/jobs.log). Running it twi
 from __future__ import annotations
 
 import json
-import secrets
 import os
+import secrets
 import signal
 import subprocess
 import sys

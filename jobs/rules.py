@@ -19,7 +19,6 @@ from typing import Any
 
 from handler import request as handler_request
 from handler.errors import WanError
-
 from jobs.config import ModelEntry, Settings
 from jobs.errors import InvalidRequest, PayloadTooLarge
 from jobs.webhooks import check_webhook_url

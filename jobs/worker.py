@@ -192,23 +192,25 @@ class Runner:
         except dataplane.Stopped:
             await self.store.end_attempt(video_id, "cancelled", "the job was cancelled while it ran")
             return
-        except dataplane.Refused as e:
-            row = await _with_db_retry("fail", lambda: self.store.fail(video_id, e.error, self.queue.defer_webhook))
+        except dataplane.Refused as refused:
+            error = refused.error
+            row = await _with_db_retry("fail", lambda: self.store.fail(video_id, error, self.queue.defer_webhook))
             if row is not None:
                 self.metrics.finished.labels(model.name, "failed").inc()
             return
-        except dataplane.Retryable as e:
+        except dataplane.Retryable as retryable:
+            reason = str(retryable)
             self.slots.cool_down(model, endpoint)
-            attempts = await _with_db_retry("end attempt", lambda: self.store.end_attempt(video_id, "retry", str(e)))
+            attempts = await _with_db_retry("end attempt", lambda: self.store.end_attempt(video_id, "retry", reason))
             if attempts >= self.settings.max_attempts:
                 error = {"code": "data_plane_unavailable", "type": "server_error", "param": None,
-                         "message": f"gave up after {attempts} attempts; the last: {e}"}
+                         "message": f"gave up after {attempts} attempts; the last: {reason}"}
                 await _with_db_retry("fail", lambda: self.store.fail(video_id, error, self.queue.defer_webhook,
                                                                      outcome="retry"))
                 self.metrics.finished.labels(model.name, "failed").inc()
                 return
             self.metrics.retries.labels(model.name, endpoint.name).inc()
-            raise RetryLater(str(e)) from None
+            raise RetryLater(reason) from None
         await self._keep(video_id, model, endpoint, outcome.result)
         self.metrics.run_seconds.labels(model.name, endpoint.name).observe(time.monotonic() - started)
 

@@ -16,7 +16,7 @@ KServe's storage initializer copies everything under ``storageUri`` to ``/mnt/mo
 The model_snapshot is generated, never written by hand: TorchServe takes each model's workers
 and timeouts from it and ignores model-config.yaml's responseTimeout / startupTimeout there
 (falling back to 120 s when the snapshot lacks them), so both come from the same yaml here.
-The manifest validator (scripts/checks_kserve.py) renders the same snapshot to check the
+The manifest validator (scripts/manifests/kserve.py) renders the same snapshot to check the
 InferenceService timeouts against it.
 
 This module does not import torch or TorchServe; boto3 is imported only to upload.

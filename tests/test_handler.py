@@ -14,7 +14,7 @@ from ts.context import Context, RequestProcessor
 
 from handler.video import probe_mp4
 from handler.wan_handler import WanVideoHandler
-from tests.conftest import SMALL
+from tests.harness.payloads import SMALL
 
 
 def _context(model_dir, model_yaml):

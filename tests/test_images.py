@@ -7,6 +7,7 @@ import io
 import random
 import re
 import struct
+import sys
 import time
 import tracemalloc
 import zlib
@@ -18,6 +19,7 @@ from PIL import Image, ImageFile
 from handler.config import RequestLimits
 from handler.errors import InvalidRequest, PayloadTooLarge
 from handler.images import MIN_IMAGE_SIDE_PX, decode_image
+from tests.harness.payloads import REMOTE_IMAGE_URLS
 
 LIMITS = RequestLimits()
 COLOR = (200, 30, 90)
@@ -204,18 +206,7 @@ def test_non_string_is_rejected(value):
 
 
 @pytest.mark.parametrize(
-    "value",
-    [
-        "http://example.com/cat.png",
-        "https://example.com/cat.png",
-        "HTTPS://EXAMPLE.COM/CAT.PNG",
-        "  https://example.com/cat.png",
-        "s3://bucket/cat.png",
-        "file:///etc/passwd",
-        "ftp://example.com/cat.png",
-        "gs://bucket/cat.jpg",
-    ],
-)
+    "value", REMOTE_IMAGE_URLS)
 def test_urls_are_never_fetched(value):
     reject(value, word="never fetches remote URLs")
 
@@ -385,9 +376,11 @@ def test_decompression_bomb_is_refused_from_the_header(width, height, monkeypatc
         assert f"{width}x{height}" in error.message
     assert loads == []  # no pixel was decoded
     assert python_peak < 4 * 1024 * 1024
-    if growth_kib is not None:
-        assert growth_kib < 32 * 1024, f"peak RSS grew by {growth_kib} KiB"
     assert elapsed < 2.0
+    if growth_kib is None:  # said, not silent: only where /proc cannot reset the peak RSS
+        assert sys.platform != "linux", "Linux resets the peak RSS through /proc/self/clear_refs: the bound must run"
+        pytest.skip("no /proc/self/clear_refs here: the decoder's native memory bound is unchecked")
+    assert growth_kib < 32 * 1024, f"peak RSS grew by {growth_kib} KiB"
 
 
 def test_bomb_in_a_data_url_is_refused_too():

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
-from tests.jobs_support import SLOW_JOB, TINY_JOB, JobService, Postgres, jobs_config, sse_events, wait_for
+from tests.harness.jobs import SLOW_JOB, TINY_JOB, JobService, Postgres, jobs_config, sse_events, wait_for
 
 
 def png_bytes(width=96, height=64, color=(20, 160, 60)) -> bytes:
@@ -265,7 +265,7 @@ def test_events_from_queued_to_completed(jobs_service, user):
 class _Receiver(BaseHTTPRequestHandler):
     received: list = []
 
-    def do_POST(self):  # noqa: N802 - http.server's name
+    def do_POST(self):
         body = self.rfile.read(int(self.headers["content-length"]))
         self.received.append((dict(self.headers), body))
         self.send_response(204)
@@ -325,7 +325,7 @@ class _Flaky(BaseHTTPRequestHandler):
 
     hits = 0
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         type(self).hits += 1
         self.rfile.read(int(self.headers.get("content-length", 0)))
         body = json.dumps({"code": 503, "type": "ServiceUnavailableException",

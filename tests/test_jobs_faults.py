@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.jobs_support import SLOW_JOB, TINY_JOB, JobService, Postgres, jobs_config, wait_for
+from tests.harness.jobs import SLOW_JOB, TINY_JOB, JobService, Postgres, jobs_config, wait_for
 
 FINISHED = ("completed", "failed", "cancelled")
 

@@ -1,8 +1,8 @@
 """A smaller run of the job service's load harness (tests/harness/jobs_load.py; the recorded
 200 jobs from 20 clients are in RELIABILITY.md): none lost, none completed twice, the queue drains."""
 
+from tests.harness.jobs import JobService, Postgres, jobs_config
 from tests.harness.jobs_load import run_load
-from tests.jobs_support import JobService, Postgres, jobs_config
 
 
 def test_load_none_lost_none_twice_queue_drains(tmp_path, jobs_torchserve):

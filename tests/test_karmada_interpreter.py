@@ -15,19 +15,17 @@ import jsonschema
 import pytest
 import yaml
 
-from scripts.checks_karmada import (
+from scripts.manifests import REPO_ROOT, Manifest, load_manifests
+from scripts.manifests.karmada.lua import (
     ENTRY_POINTS,
     FORBIDDEN_GLOBALS,
     KarmadaLua,
     LuaConversionError,
     LuaScriptError,
-    format_binary_si,
-    format_decimal_si,
     lua_forbidden_references,
-    parse_quantity,
     pod_resource_request,
 )
-from scripts.validate_manifests import REPO_ROOT, CrdSchemas, Manifest, default_crd_dir, load_manifests
+from scripts.manifests.kube import format_binary_si, format_decimal_si, parse_quantity
 
 RIC_PATH = REPO_ROOT / "karmada" / "interpreter" / "inferenceservice.yaml"
 # Karmada stops a call after 1 s. C Lua is a few times faster than gopher-lua, and these timings
@@ -44,14 +42,6 @@ def scripts() -> dict[str, str]:
 @pytest.fixture
 def lua() -> KarmadaLua:
     return KarmadaLua()
-
-
-@pytest.fixture(scope="module")
-def crds() -> CrdSchemas:
-    crds = CrdSchemas(default_crd_dir())
-    if crds.missing:
-        pytest.fail(f"CRDs not found at {crds.crd_dir}")
-    return crds
 
 
 def isvc(name="wan-t2v-a14b", *, min_replicas=0, max_replicas=2, gpus="1", generation=3, **predictor_extra):

@@ -1,5 +1,5 @@
 """karmada/ through the manifest validator: the real CRDs (../shared/crds) plus the Karmada
-cross-checks of scripts/checks_karmada.py. The good tree passes; each broken fixture in
+cross-checks of scripts/manifests/karmada/. The good tree passes; each broken fixture in
 tests/manifests_broken_karmada/ (a manifest that replaces its good twin, with the messages it
 must produce in `# expect:` lines) fails with a clear message."""
 
@@ -11,21 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from scripts import checks_karmada as ck
-from scripts.validate_manifests import (
-    REPO_ROOT,
-    Context,
-    CrdSchemas,
-    Manifest,
-    default_crd_dir,
-    load_manifests,
-    registered_checks,
-    validate,
-    validate_schemas,
-)
+from scripts.manifests import CHECKS, REPO_ROOT, CrdSchemas, Manifest, load_manifests, validate, validate_manifests
+from scripts.manifests.karmada import checks as karmada_checks
+from scripts.manifests.karmada import clusters as cl
+from scripts.manifests.karmada import overrides as ov
+from scripts.manifests.karmada.world import World
+from scripts.manifests.kube import CLUSTER_SERVING_RUNTIME, INFERENCE_SERVICE
 
 KARMADA = REPO_ROOT / "karmada"
 KSERVE = REPO_ROOT / "kserve"
+# The job service's objects, which karmada/placement/jobs-service.yaml places.
+JOBS_DEPLOY = REPO_ROOT / "jobs" / "deploy"
 BROKEN = REPO_ROOT / "tests" / "manifests_broken_karmada"
 
 # The KServe objects our policies select, with the names fixed for both engineers: lets these tests
@@ -104,14 +100,6 @@ VARIANTS = {"ti2v-5b": 4, "t2v-a14b": 2, "i2v-a14b": 2, "t2v-a14b-4gpu": 2}
 
 
 @pytest.fixture(scope="module")
-def crds() -> CrdSchemas:
-    crds = CrdSchemas(default_crd_dir())
-    if crds.missing:
-        pytest.fail(f"CRDs not found at {crds.crd_dir}")
-    return crds
-
-
-@pytest.fixture(scope="module")
 def standin(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("kserve-standin") / "kserve-standin.yaml"
     path.write_text(STANDIN_KSERVE + "".join(ISVC_TEMPLATE.format(variant=v, max_replicas=m)
@@ -120,34 +108,30 @@ def standin(tmp_path_factory) -> Path:
 
 
 def run_checks(manifests: list[Manifest], crds: CrdSchemas) -> list:
-    """What validate() does, on manifests already in memory: schemas, then the Karmada checks."""
-    problems = validate_schemas(manifests, crds)
-    context = Context(crds)
-    for check in ck.CHECKS:
-        problems.extend(check(manifests, context))
-    return problems
+    """Schemas, then the Karmada checks only (the stand-in KServe objects are not the real ones)."""
+    return validate_manifests(manifests, crds, checks=karmada_checks.CHECKS)
 
 
 def identity(m: Manifest) -> tuple[str, str, str, str]:
     return (m.api_version, m.kind, m.namespace or "", m.name)
 
 
-def good_world(standin: Path, crds: CrdSchemas) -> ck.World:
-    manifests, load_problems = load_manifests([KARMADA, standin])
+def good_world(standin: Path, crds: CrdSchemas) -> World:
+    manifests, load_problems = load_manifests([KARMADA, JOBS_DEPLOY, standin])
     assert not load_problems
-    return ck.World(manifests, crds)
+    return World(manifests, crds)
 
 
 # -- the good tree -----------------------------------------------------------------------------------
 
 
 def test_karmada_checks_are_registered():
-    assert all(check in registered_checks() for check in ck.CHECKS)
-    assert len(ck.CHECKS) >= 8
+    assert all(check in CHECKS for check in karmada_checks.CHECKS)
+    assert len(karmada_checks.CHECKS) >= 8
 
 
 def test_karmada_with_the_kserve_objects_passes(standin, crds):
-    manifests, load_problems = load_manifests([KARMADA, standin])
+    manifests, load_problems = load_manifests([KARMADA, JOBS_DEPLOY, standin])
     assert not load_problems
     assert [str(p) for p in run_checks(manifests, crds)] == []
     kinds = {m.kind for m in manifests if m.path.is_relative_to(KARMADA)}
@@ -155,14 +139,13 @@ def test_karmada_with_the_kserve_objects_passes(standin, crds):
             "ResourceInterpreterCustomization", "PersistentVolumeClaim"} <= kinds
 
 
-def test_the_repository_passes_the_whole_validator():
-    """karmada/ with the KServe engineer's kserve/, every check of both (python -m
-    scripts.validate_manifests karmada kserve)."""
+def test_the_repository_passes_the_whole_validator(crds):
+    """karmada/ with kserve/ and jobs/deploy/, every check (python -m scripts.manifests)."""
     manifests, _ = load_manifests([KSERVE])
     have = {m.name for m in manifests if m.kind == "InferenceService"}
-    if not {f"wan-{v}" for v in VARIANTS} <= have:
-        pytest.skip(f"kserve/ does not ship the InferenceServices yet (has {sorted(have)})")
-    assert [str(p) for p in validate([KARMADA, KSERVE])] == []
+    # The stand-in above names these services: kserve/ must ship every one the policies place.
+    assert {f"wan-{v}" for v in VARIANTS} <= have, f"kserve/ lacks InferenceServices (has {sorted(have)})"
+    assert [str(p) for p in validate([KARMADA, KSERVE, JOBS_DEPLOY], crds)] == []
 
 
 def test_karmada_alone_names_what_is_missing(crds):
@@ -181,20 +164,20 @@ def test_placement_private_first_then_public(standin, crds):
               for _, name, affinity in world.placement_groups(policy)]
     assert groups == [("private", ["wan-private"]), ("public-spot", ["wan-public-spot"])]
     for name in VARIANTS:
-        obj = world.find(*ck.INFERENCE_SERVICE, "wan", f"wan-{name}")
+        obj = world.find(*INFERENCE_SERVICE, "wan", f"wan-{name}")
         assert world.claim(obj)[0] is policy
     pvc = world.find("v1", "PersistentVolumeClaim", "wan", "wan-model-store")
     assert world.choosable(world.claim(pvc)[0]) == {"wan-private"}
-    runtime = world.find(*ck.CLUSTER_SERVING_RUNTIME, None, "wan-torchserve")
+    runtime = world.find(*CLUSTER_SERVING_RUNTIME, None, "wan-torchserve")
     assert world.choosable(world.claim(runtime)[0]) == {"wan-private", "wan-public-spot"}
 
 
 def _per_cluster(world, name: str) -> tuple[dict, dict]:
     """The InferenceService ``name`` as the private and the public cluster get it."""
-    obj = world.find(*ck.INFERENCE_SERVICE, "wan", name)
-    private, problems = ck.effective(world, obj, world.cluster("wan-private"))
+    obj = world.find(*INFERENCE_SERVICE, "wan", name)
+    private, problems = ov.effective(world, obj, world.cluster("wan-private"))
     assert problems == []
-    public, problems = ck.effective(world, obj, world.cluster("wan-public-spot"))
+    public, problems = ov.effective(world, obj, world.cluster("wan-public-spot"))
     assert problems == []
     return private, public
 
@@ -217,10 +200,10 @@ def test_per_cluster_objects_after_the_overrides(standin, crds):
     assert predictor["nodeSelector"] == {"nvidia.com/gpu.present": "true", "karpenter.sh/capacity-type": "spot",
                                          "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     secret = world.find("v1", "Secret", "wan", "wan-s3-credentials")
-    annotations = ck.effective(world, secret, world.cluster("wan-public-spot"))[0]["metadata"]["annotations"]
+    annotations = ov.effective(world, secret, world.cluster("wan-public-spot"))[0]["metadata"]["annotations"]
     assert annotations["serving.kserve.io/s3-endpoint"] == "s3.eu-west-1.amazonaws.com"
     assert annotations["serving.kserve.io/s3-region"] == "eu-west-1"
-    template = world.find(*ck.INFERENCE_SERVICE, "wan", "wan-t2v-a14b")
+    template = world.find(*INFERENCE_SERVICE, "wan", "wan-t2v-a14b")
     assert template.doc["spec"]["predictor"]["model"]["storageUri"] == "s3://wan-models/t2v-a14b"  # untouched
 
 
@@ -238,7 +221,7 @@ def test_broken_manifests_fail_with_clear_messages(fixture, standin, crds):
     removes = {(api_version, kind, *ref.rpartition("/")[::2]) for api_version, kind, ref in
                re.findall(r"^# remove: (\S+) (\S+) (\S+)$", text, re.MULTILINE)}
     assert expects, f"{fixture.name} says nothing about what it must produce"
-    good, _ = load_manifests([KARMADA, standin])
+    good, _ = load_manifests([KARMADA, JOBS_DEPLOY, standin])
     broken, load_problems = load_manifests([fixture])
     assert not load_problems
     replaced = {identity(m) for m in broken} | removes
@@ -254,7 +237,7 @@ def test_broken_manifests_fail_with_clear_messages(fixture, standin, crds):
 
 
 def test_every_fixture_replaces_a_good_manifest_or_adds_one(standin):
-    good = {identity(m) for m in load_manifests([KARMADA, standin])[0]}
+    good = {identity(m) for m in load_manifests([KARMADA, JOBS_DEPLOY, standin])[0]}
     replacing = 0
     for fixture in broken_fixtures():
         docs = load_manifests([fixture])[0]
@@ -267,15 +250,15 @@ def test_every_fixture_replaces_a_good_manifest_or_adds_one(standin):
 
 def test_json_patch_follows_rfc6902():
     doc = {"spec": {"predictor": {"nodeSelector": {"a": "1"}, "tolerations": [{"key": "x"}]}}}
-    ck.json_patch(doc, "add", "/spec/predictor/nodeSelector/karpenter.sh~1capacity-type", "spot")
-    ck.json_patch(doc, "add", "/spec/predictor/tolerations/-", {"key": "y"})
-    ck.json_patch(doc, "replace", "/spec/predictor/nodeSelector/a", "2")
+    ov.json_patch(doc, "add", "/spec/predictor/nodeSelector/karpenter.sh~1capacity-type", "spot")
+    ov.json_patch(doc, "add", "/spec/predictor/tolerations/-", {"key": "y"})
+    ov.json_patch(doc, "replace", "/spec/predictor/nodeSelector/a", "2")
     assert doc["spec"]["predictor"] == {"nodeSelector": {"a": "2", "karpenter.sh/capacity-type": "spot"},
                                         "tolerations": [{"key": "x"}, {"key": "y"}]}
     for op, path in (("replace", "/spec/predictor/missing"), ("remove", "/spec/nope"),
                      ("add", "/spec/absent/child"), ("add", "/spec/predictor/tolerations/7")):
-        with pytest.raises(ck.OverrideError):
-            ck.json_patch(copy.deepcopy(doc), op, path, 1)
+        with pytest.raises(ov.OverrideError):
+            ov.json_patch(copy.deepcopy(doc), op, path, 1)
 
 
 @pytest.mark.parametrize(("image", "registry", "text"), [
@@ -285,40 +268,40 @@ def test_json_patch_follows_rfc6902():
     ("wan/wan-torchserve@sha256:abc", "docker.io", None),
 ])
 def test_image_parsing(image, registry, text):
-    parsed = ck.Image.parse(image)
+    parsed = ov.Image.parse(image)
     assert parsed.registry == registry
     assert str(parsed) == (text or image)
 
 
 def test_image_override_replaces_the_registry_only():
     overrider = {"component": "Registry", "operator": "replace", "value": "ecr.example.com"}
-    assert ck._override_image("registry.wan.internal/wan/wan-torchserve:0.1.0", overrider) == \
+    assert ov._override_image("registry.wan.internal/wan/wan-torchserve:0.1.0", overrider) == \
         "ecr.example.com/wan/wan-torchserve:0.1.0"
-    assert ck._override_image("wan/wan:1", {"component": "Tag", "operator": "replace", "value": "2"}) == "wan/wan:2"
+    assert ov._override_image("wan/wan:1", {"component": "Tag", "operator": "replace", "value": "2"}) == "wan/wan:2"
 
 
 def test_cluster_selection_and_taints():
-    private, public = ck.CLUSTERS
-    assert ck.cluster_matches({"labelSelector": {"matchLabels": {"wan.serving/tier": "public"}}}, public)
-    assert not ck.cluster_matches({"labelSelector": {"matchLabels": {"wan.serving/tier": "public"}}}, private)
-    assert ck.cluster_matches({"fieldSelector": {"matchExpressions": [
+    private, public = cl.CLUSTERS
+    assert cl.cluster_matches({"labelSelector": {"matchLabels": {"wan.serving/tier": "public"}}}, public)
+    assert not cl.cluster_matches({"labelSelector": {"matchLabels": {"wan.serving/tier": "public"}}}, private)
+    assert cl.cluster_matches({"fieldSelector": {"matchExpressions": [
         {"key": "provider", "operator": "In", "values": ["aws"]}]}}, public)
-    assert not ck.cluster_matches({"clusterNames": ["wan-public-spot"], "exclude": ["wan-public-spot"]}, public)
-    assert ck.untolerated(public.taints, []) == [ck.SPOT_CLUSTER_TAINT]
-    assert ck.untolerated(public.taints, [{"key": "wan.serving/spot", "operator": "Exists"}]) == []
-    assert ck.untolerated(public.taints, [{"key": "wan.serving/spot", "value": "false"}]) == [ck.SPOT_CLUSTER_TAINT]
+    assert not cl.cluster_matches({"clusterNames": ["wan-public-spot"], "exclude": ["wan-public-spot"]}, public)
+    assert cl.untolerated(public.taints, []) == [cl.SPOT_CLUSTER_TAINT]
+    assert cl.untolerated(public.taints, [{"key": "wan.serving/spot", "operator": "Exists"}]) == []
+    assert cl.untolerated(public.taints, [{"key": "wan.serving/spot", "value": "false"}]) == [cl.SPOT_CLUSTER_TAINT]
 
 
 def test_claims_follow_karmadas_precedence(standin, crds):
-    manifests, _ = load_manifests([KARMADA, standin])
+    manifests, _ = load_manifests([KARMADA, JOBS_DEPLOY, standin])
     by_name = Manifest(Path("x.yaml"), 0, {
         "apiVersion": "policy.karmada.io/v1alpha1", "kind": "PropagationPolicy",
         "metadata": {"name": "zz-by-name", "namespace": "wan"},
         "spec": {"resourceSelectors": [{"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
                                         "name": "wan-ti2v-5b"}], "placement": {}}})
-    world = ck.World([*manifests, by_name], crds)
-    ti2v = world.find(*ck.INFERENCE_SERVICE, "wan", "wan-ti2v-5b")
-    t2v = world.find(*ck.INFERENCE_SERVICE, "wan", "wan-t2v-a14b")
+    world = World([*manifests, by_name], crds)
+    ti2v = world.find(*INFERENCE_SERVICE, "wan", "wan-ti2v-5b")
+    t2v = world.find(*INFERENCE_SERVICE, "wan", "wan-t2v-a14b")
     assert world.claim(ti2v)[0] is by_name  # by name beats by label selector
     assert world.claim(t2v)[0].name == "wan-inferenceservices"
     by_name.doc["spec"]["resourceSelectors"][0]["namespace"] = "other"
@@ -327,14 +310,14 @@ def test_claims_follow_karmadas_precedence(standin, crds):
 
 def test_readme_documents_the_clusters():
     readme = (KARMADA / "README.md").read_text()
-    for cluster in ck.CLUSTERS:
+    for cluster in cl.CLUSTERS:
         assert cluster.name in readme
         for key, value in cluster.labels.items():
             assert f"{key}={value}" in readme, f"README lacks the label {key}={value} of {cluster.name}"
         for taint in cluster.taints:
-            assert ck.taint_text(taint) in readme
+            assert cl.taint_text(taint) in readme
         for taint in cluster.gpu_node_taints:
-            assert ck.taint_text(taint) in readme
+            assert cl.taint_text(taint) in readme
         for key, value in cluster.gpu_node_labels.items():
             assert f"{key}={value}" in readme
         assert cluster.sync_mode in readme

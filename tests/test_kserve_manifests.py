@@ -1,4 +1,4 @@
-"""The KServe manifests against the real CRDs (../shared/crds) and the validator's cross-checks:
+"""The KServe manifests against the real CRDs (the ``crds`` fixture) and the validator's cross-checks:
 every shipped manifest passes, each broken one fails with the message it deserves."""
 
 from __future__ import annotations
@@ -6,14 +6,18 @@ from __future__ import annotations
 import copy
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from model_store.kserve_store import VARIANTS, build_kserve_store, read_properties, variant_config_file
-from scripts import checks_kserve, validate_manifests
-from scripts.validate_manifests import REPO_ROOT, Context, CrdSchemas, default_crd_dir, load_manifests, main, validate
+from scripts.manifests import DEFAULT_PATHS, REPO_ROOT, Context, kserve, load_crds, load_manifests, validate
+from scripts.manifests.__main__ import main
+from scripts.manifests.kube import duration_s, quantity
+from scripts.manifests.torchserve import TORCHRUN_PARALLEL_TYPES
 
 KSERVE = REPO_ROOT / "kserve"
 BROKEN = Path(__file__).parent / "manifests_broken"
@@ -65,21 +69,6 @@ BROKEN_CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _parse_crds_once():
-    """validate() parses the CRDs (1.9 MB for InferenceService) on every call: once is enough here."""
-    parsed: dict[Path, CrdSchemas] = {}
-
-    def cached(crd_dir: Path) -> CrdSchemas:
-        if crd_dir not in parsed:
-            parsed[crd_dir] = CrdSchemas(crd_dir)
-        return parsed[crd_dir]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(validate_manifests, "CrdSchemas", cached)
-        yield
-
-
 def _docs(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
@@ -89,33 +78,42 @@ def _isvc(variant: str) -> dict:
     return doc
 
 
-def test_crds_are_there():
+def test_crds_are_there(crds):
     # Everything below validates against them; without them the suite must not pass quietly.
-    assert (default_crd_dir() / "kserve" / "serving.kserve.io_inferenceservices.yaml").is_file()
+    assert crds.knows("serving.kserve.io/v1beta1", "InferenceService")
 
 
-def test_every_shipped_manifest_passes():
+def test_every_shipped_manifest_passes(crds):
     manifests, problems = load_manifests([KSERVE])
     assert len(manifests) >= 14 and not problems
-    problems = validate([KSERVE])
+    problems = validate([KSERVE], crds)
     assert problems == [], "\n".join(map(str, problems))
 
 
-def test_the_command_line_reports_zero_problems(capsys):
-    assert main([str(KSERVE)]) == 0
+def test_the_command_line_reports_zero_problems(crds, capsys):
+    assert main(["--crds", str(crds.crd_dir), str(KSERVE)]) == 0
     assert ", 0 problems" in capsys.readouterr().err
 
 
-def test_kserve_and_karmada_together_pass():
-    """What Karmada propagates is these objects: both folders, every registered check."""
-    problems = validate([KSERVE, REPO_ROOT / "karmada"])
+def test_the_validator_imports_without_torch():
+    """An operator's laptop or a CI job validates manifests without the serving stack."""
+    code = ("import sys; sys.modules.update(torch=None, diffusers=None, transformers=None); "
+            "import scripts.manifests, scripts.manifests.__main__, scripts.manifests.security")
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                            cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_kserve_karmada_and_the_job_service_together_pass(crds):
+    """What Karmada propagates is these objects: every folder, every registered check."""
+    problems = validate(DEFAULT_PATHS, crds)
     assert problems == [], "\n".join(map(str, problems))
 
 
 @pytest.mark.parametrize("name", sorted(BROKEN_CASES))
-def test_broken_manifest_fails_with_the_expected_message(name):
+def test_broken_manifest_fails_with_the_expected_message(crds, name):
     broken = BROKEN / name
-    problems = validate([KSERVE, broken])
+    problems = validate([KSERVE, broken], crds)
     assert problems, f"{name} passed the validator"
     # Only the broken file is blamed, with file and path in every message.
     assert all(p.manifest is not None and p.manifest.path == broken.resolve() for p in problems), \
@@ -129,22 +127,22 @@ def test_every_broken_fixture_has_an_expectation():
     assert {p.name for p in BROKEN.glob("*.yaml")} == set(BROKEN_CASES)
 
 
-def test_missing_crds_fail_loudly(tmp_path):
-    problems = validate([KSERVE], crd_dir=tmp_path / "no-crds", checks=[])
+def test_missing_crds_fail_loudly(tmp_path, capsys):
+    problems = validate([KSERVE], load_crds(tmp_path / "no-crds"), checks=[])
     messages = [str(p) for p in problems]
-    assert any("CRD folder" in m and "is missing" in m for m in messages)
+    assert any("no-crds does not exist" in m and "kubectl get crd NAME -o yaml" in m for m in messages)
     isvc = [m for m in messages if "InferenceService/wan-ti2v-5b" in m]
     assert isvc and "not served by the CRDs" in isvc[0] and "(the folder is missing)" in isvc[0]
 
 
-def test_the_validator_never_opens_a_connection(monkeypatch):
+def test_the_validator_never_opens_a_connection(crds, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the validator tried the network")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    assert validate([KSERVE]) == []
-    assert validate([KSERVE, BROKEN / "timeout-shorter-than-torchserve.yaml"])
+    assert validate([KSERVE], crds) == []
+    assert validate([KSERVE, BROKEN / "timeout-shorter-than-torchserve.yaml"], crds)
 
 
 def test_each_file_holds_one_object_under_a_header_comment():
@@ -186,7 +184,7 @@ def test_the_names_karmada_relies_on():
     assert account["secrets"] == [{"name": "wan-s3-credentials"}]
     [secret] = _docs(KSERVE / "s3-secret.yaml")
     assert (secret["metadata"]["name"], secret["metadata"]["namespace"]) == ("wan-s3-credentials", "wan")
-    assert set(secret["metadata"]["annotations"]) == set(checks_kserve.S3_ANNOTATIONS)
+    assert set(secret["metadata"]["annotations"]) == set(kserve.S3_ANNOTATIONS)
     assert "data" not in secret and "stringData" not in secret  # no credentials in git
     [cache] = _docs(KSERVE / "examples/localmodel/localmodelcache-ti2v-5b.yaml")
     assert cache["metadata"]["name"] == "wan-ti2v-5b-cache"
@@ -203,12 +201,12 @@ def test_timeouts_agree_with_the_store_the_builder_writes(tmp_path, variant):
     snapshot = store.snapshot["models"]["wan"]["1.0"]
     predictor = _isvc(variant)["spec"]["predictor"]
     assert predictor["timeout"] >= snapshot["responseTimeout"]
-    deadline = checks_kserve._duration_s(predictor["annotations"]["serving.knative.dev/progress-deadline"])
+    deadline = duration_s(predictor["annotations"]["serving.knative.dev/progress-deadline"])
     assert deadline >= snapshot["startupTimeout"]
     assert predictor["containerConcurrency"] <= snapshot["maxWorkers"] * snapshot["batchSize"]
 
 
-def test_canary_example_is_the_base_service_with_a_new_store_and_a_traffic_split(tmp_path):
+def test_canary_example_is_the_base_service_with_a_new_store_and_a_traffic_split(crds, tmp_path):
     [canary] = _docs(KSERVE / "examples/canary-ti2v-5b.yaml")
     assert "# validate: second-apply-of kserve/inferenceservice-ti2v-5b.yaml" in \
         (KSERVE / "examples/canary-ti2v-5b.yaml").read_text().split("apiVersion", 1)[0]
@@ -218,20 +216,20 @@ def test_canary_example_is_the_base_service_with_a_new_store_and_a_traffic_split
     assert new_store != base["spec"]["predictor"]["model"].pop("storageUri")
     assert canary == base
     # The validator accepts it only because of the marker: without it, a duplicate.
-    context = Context(validate_manifests.CrdSchemas(default_crd_dir()))
-    assert checks_kserve.check_duplicates(load_manifests([KSERVE])[0], context) == []
+    assert kserve.check_duplicates(Context(load_manifests([KSERVE])[0], crds)) == []
     unmarked = tmp_path / "canary.yaml"
     unmarked.write_text((KSERVE / "examples/canary-ti2v-5b.yaml").read_text().replace("# validate:", "# "))
-    [problem] = checks_kserve.check_duplicates(
-        load_manifests([KSERVE / "inferenceservice-ti2v-5b.yaml", unmarked])[0], context)
+    [problem] = kserve.check_duplicates(
+        Context(load_manifests([KSERVE / "inferenceservice-ti2v-5b.yaml", unmarked])[0], crds))
     assert problem.manifest.path == unmarked and "also declared in" in problem.message
 
 
-def _context_with(tmp_path: Path, properties: str) -> Context:
+def _context_with(tmp_path: Path, properties: str, crds) -> Context:
+    """The kserve/ manifests checked against a copy of config/ whose config.properties is ``properties``."""
     (tmp_path / "config" / "kserve").mkdir(parents=True)
     shutil.copytree(REPO_ROOT / "config" / "models", tmp_path / "config" / "models")
     (tmp_path / "config" / "kserve" / "config.properties").write_text(properties)
-    return Context(validate_manifests.CrdSchemas(default_crd_dir()), repo_root=tmp_path)
+    return Context(load_manifests([KSERVE])[0], crds, repo_root=tmp_path)
 
 
 @pytest.mark.parametrize(("change", "expected"), [
@@ -246,11 +244,11 @@ def _context_with(tmp_path: Path, properties: str) -> Context:
     (("metrics_mode=prometheus", "metrics_mode=log"), "metrics_mode must be prometheus"),
     (("install_py_dep_per_model=false", "install_py_dep_per_model=false\nload_models=all"), "sets load_models"),
 ])
-def test_the_kserve_torchserve_config_is_checked_too(tmp_path, change, expected):
+def test_the_kserve_torchserve_config_is_checked_too(crds, tmp_path, change, expected):
     text = (REPO_ROOT / "config/kserve/config.properties").read_text()
     assert change[0] in text
-    context = _context_with(tmp_path, text.replace(change[0], change[1]))
-    problems = checks_kserve.check_torchserve_config(load_manifests([KSERVE])[0], context)
+    context = _context_with(tmp_path, text.replace(change[0], change[1]), crds)
+    problems = kserve.check_torchserve_config(context)
     assert any(expected in p.message and p.file == tmp_path / "config/kserve/config.properties" for p in problems), \
         problems
 
@@ -260,12 +258,12 @@ def test_the_shipped_kserve_config_leaves_torchserves_envelope_and_env_overrides
     assert "service_envelope" not in props and "enable_envvars_config" not in props  # TorchServe's default: off
 
 
-def test_a_torchserve_envelope_anywhere_in_a_pods_env_is_a_problem():
+def test_a_torchserve_envelope_anywhere_in_a_pods_env_is_a_problem(crds):
     """In the runtime (and so in every InferenceService's merged pod), in a predictor with a
     v1 or v2 protocol, in the plain Deployment: each is named where it is set."""
     manifests = load_manifests([KSERVE])[0]
-    context = Context(validate_manifests.CrdSchemas(default_crd_dir()))
-    envelope = {"name": checks_kserve.ENVELOPE_ENV, "value": "kserve"}
+    context = Context(manifests, crds)
+    envelope = {"name": kserve.ENVELOPE_ENV, "value": "kserve"}
     [runtime] = [m for m in manifests if m.kind == "ClusterServingRuntime"]
     runtime.doc["spec"]["containers"][0]["env"] = [{"name": "WAN_S3_BUCKET", "value": "results"}, envelope]
     [deployment] = [m for m in manifests if m.kind == "Deployment"]
@@ -273,7 +271,7 @@ def test_a_torchserve_envelope_anywhere_in_a_pods_env_is_a_problem():
     isvc = next(m for m in manifests if m.kind == "InferenceService" and m.name == "wan-t2v-a14b")
     model = isvc.doc["spec"]["predictor"]["model"]
     model["protocolVersion"], model["env"] = "v2", [{**envelope, "value": "kservev2"}]
-    problems = [p for check in checks_kserve.CHECKS for p in check(manifests, context)]
+    problems = [p for check in kserve.CHECKS for p in check(context)]
     blamed = {(p.manifest.kind, p.manifest.name, p.where) for p in problems if p.manifest is not None}
     assert ("ClusterServingRuntime", "wan-torchserve", "/spec/containers/0/env/1") in blamed
     assert ("InferenceService", "wan-t2v-a14b", "/spec/predictor/model/env/0") in blamed
@@ -289,19 +287,18 @@ def test_a_torchserve_envelope_anywhere_in_a_pods_env_is_a_problem():
                and "TS_SERVICE_ENVELOPE" in p.message)
     # Protocols: v1 and v2 only, with no word of an envelope.
     model["protocolVersion"] = "grpc-v2"
-    [problem] = [p for p in checks_kserve.check_inference_services(manifests, context)
+    [problem] = [p for p in kserve.check_inference_services(context)
                  if p.manifest is isvc and p.where == "/spec/predictor/model/protocolVersion"
                  and "is not served" in p.message]
     assert "v1 and v2" in problem.message and "envelope" not in problem.message
 
 
-def test_ports_follow_config_properties(tmp_path):
+def test_ports_follow_config_properties(crds, tmp_path):
     """Move TorchServe's inference port in the config: the runtime, its probes and the plain
     Deployment no longer match, and say so."""
     text = (REPO_ROOT / "config/kserve/config.properties").read_text()
-    context = _context_with(tmp_path, text.replace("0.0.0.0:8085", "0.0.0.0:9085"))
-    manifests = load_manifests([KSERVE])[0]
-    problems = [str(p) for check in checks_kserve.CHECKS for p in check(manifests, context)]
+    context = _context_with(tmp_path, text.replace("0.0.0.0:8085", "0.0.0.0:9085"), crds)
+    problems = [str(p) for check in kserve.CHECKS for p in check(context)]
     assert any("ClusterServingRuntime/wan-torchserve at /spec/containers/0/ports" in p and "9085" in p
                for p in problems)
     assert any("wan-torchserve at /spec/containers/0/livenessProbe/httpGet/port" in p for p in problems)
@@ -314,7 +311,7 @@ def test_ports_follow_config_properties(tmp_path):
 def _ranks_per_worker(variant: str) -> int:
     """What TorchServe starts per worker: torchrun's nproc-per-node for a torchrun parallelType."""
     config = yaml.safe_load(variant_config_file(variant).read_text())
-    if config.get("parallelType") in checks_kserve.TORCHRUN_PARALLEL_TYPES:
+    if config.get("parallelType") in TORCHRUN_PARALLEL_TYPES:
         return config["torchrun"]["nproc-per-node"]
     return 1
 
@@ -337,10 +334,10 @@ def test_the_multi_gpu_configs_and_the_4_gpu_service():
     [mount] = [m for m in predictor["model"]["volumeMounts"] if m["mountPath"] == "/dev/shm"]
     [volume] = [v for v in predictor["volumes"] if v["name"] == mount["name"]]
     assert volume["emptyDir"]["medium"] == "Memory"
-    assert checks_kserve._quantity(volume["emptyDir"]["sizeLimit"]) >= 2**30
+    assert quantity(volume["emptyDir"]["sizeLimit"]) >= 2**30
     # ... and it counts against the memory limit, which leaves room for the ranks.
     limits = predictor["model"]["resources"]["limits"]
-    assert checks_kserve._quantity(limits["memory"]) >= 4 * checks_kserve._quantity(volume["emptyDir"]["sizeLimit"])
+    assert quantity(limits["memory"]) >= 4 * quantity(volume["emptyDir"]["sizeLimit"])
 
 
 def test_the_4_gpu_service_is_the_one_gpu_service_with_more_gpus():
@@ -360,14 +357,14 @@ def test_the_4_gpu_service_is_the_one_gpu_service_with_more_gpus():
     assert _isvc("t2v-a14b-4gpu")["spec"]["predictor"]["timeout"] < _isvc("t2v-a14b")["spec"]["predictor"]["timeout"]
 
 
-def _validate_changed(tmp_path: Path, change) -> list:
+def _validate_changed(crds, tmp_path: Path, change) -> list:
     """The 4-GPU service under another name, changed by ``change``, validated with kserve/."""
     isvc = copy.deepcopy(_isvc("t2v-a14b-4gpu"))
     isvc["metadata"]["name"] = "wan-t2v-a14b-4gpu-changed"
     change(isvc["spec"]["predictor"])
     path = tmp_path / "changed.yaml"
     path.write_text(yaml.safe_dump(isvc))
-    problems = validate([KSERVE, path])
+    problems = validate([KSERVE, path], crds)
     assert all(p.manifest is not None and p.manifest.path == path.resolve() for p in problems), \
         "\n".join(map(str, problems))
     return problems
@@ -394,30 +391,30 @@ def _shm_volume(predictor) -> dict:
      "/dev/shm is mounted readOnly"),
     (lambda p: p.pop("volumes"), "/spec/predictor/volumes", "which neither the predictor nor the runtime declares"),
 ], ids=["2-gpus", "8-gpus", "no-mount", "disk-backed", "unbounded", "read-only", "no-volume"])
-def test_the_validator_checks_gpus_and_dev_shm_of_a_multi_gpu_service(tmp_path, change, where, expected):
-    assert _validate_changed(tmp_path, lambda predictor: None) == []
-    problems = _validate_changed(tmp_path, change)
+def test_the_validator_checks_gpus_and_dev_shm_of_a_multi_gpu_service(crds, tmp_path, change, where, expected):
+    assert _validate_changed(crds, tmp_path, lambda predictor: None) == []
+    problems = _validate_changed(crds, tmp_path, change)
     assert any(p.where == where and expected in p.message for p in problems), "\n".join(map(str, problems))
 
 
-def test_a_one_gpu_service_with_more_gpus_is_refused(tmp_path):
+def test_a_one_gpu_service_with_more_gpus_is_refused(crds, tmp_path):
     isvc = copy.deepcopy(_isvc("t2v-a14b"))
     isvc["metadata"]["name"] = "wan-t2v-a14b-changed"
     _set_gpus("2")(isvc["spec"]["predictor"])
     path = tmp_path / "changed.yaml"
     path.write_text(yaml.safe_dump(isvc))
-    [problem] = validate([KSERVE, path])
+    [problem] = validate([KSERVE, path], crds)
     assert problem.where == "/spec/predictor/model/resources/limits"
     assert "worker(s) of 1 rank(s)" in problem.message and "the other GPUs would sit idle" in problem.message
 
 
-def test_a_parallel_config_without_a_process_count_is_named(tmp_path):
-    context = _context_with(tmp_path, (REPO_ROOT / "config/kserve/config.properties").read_text())
+def test_a_parallel_config_without_a_process_count_is_named(crds, tmp_path):
+    context = _context_with(tmp_path, (REPO_ROOT / "config/kserve/config.properties").read_text(), crds)
     path = tmp_path / "config" / "models" / "t2v-a14b-4gpu.yaml"
     config = yaml.safe_load(path.read_text())
     del config["torchrun"]
     path.write_text(yaml.safe_dump(config))
-    problems = checks_kserve.check_inference_services(load_manifests([KSERVE])[0], context)
+    problems = kserve.check_inference_services(context)
     assert [(p.manifest.name, p.message) for p in problems] == [
         ("wan-t2v-a14b-4gpu", ("config/models/t2v-a14b-4gpu.yaml: parallelType tp without a torchrun.nproc-per-node "
                                "(a positive integer): TorchServe would not know how many ranks to start"))]

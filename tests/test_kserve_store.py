@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -37,7 +36,8 @@ from model_store.kserve_store import (
     weights_location,
 )
 from scripts.serve import ServerLayout, free_ports, start, stop
-from tests.conftest import SMALL
+from tests.harness.dockerfile import image_env
+from tests.harness.payloads import SMALL
 
 TINY_CONFIG = MODEL_CONFIG_DIR / "tiny-ti2v.yaml"
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt"}
@@ -278,15 +278,8 @@ def _start_kserve_style(tmp_path_factory, server_weights):
     # no --models: the model comes from the model_snapshot. No TorchServe envelope: the handler reads
     # both protocols' bodies itself. No bytecode next to the handler, as the image sets it (the store
     # is read-only in the pod).
-    start(layout, timeout_s=240, extra_env={"PYTHONDONTWRITEBYTECODE": _image_env()["PYTHONDONTWRITEBYTECODE"]})
+    start(layout, timeout_s=240, extra_env={"PYTHONDONTWRITEBYTECODE": image_env()["PYTHONDONTWRITEBYTECODE"]})
     return layout
-
-
-def _image_env() -> dict[str, str]:
-    from tests.test_dockerfile import stages
-
-    text = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text()
-    return {k: v for keyword, rest in stages(text)[-1] if keyword == "ENV" for k, v in re.findall(r"(\w+)=(\S+)", rest)}
 
 
 @pytest.fixture(scope="module")

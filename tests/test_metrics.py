@@ -16,7 +16,7 @@ import yaml
 from handler.metrics import METRICS, STAGES, GenerationMetrics
 from handler.service import WanService
 from handler.version import code_version
-from tests.conftest import SMALL
+from tests.harness.payloads import SMALL
 
 METRICS_YAML = Path(__file__).resolve().parent.parent / "config" / "metrics.yaml"
 BODY = {"prompt": "a paper boat on a river", **SMALL}

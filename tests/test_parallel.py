@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +23,10 @@ import pytest
 from handler.config import ParallelOptions, load_handler_config
 from handler.errors import ConfigError, InvalidRequest
 from handler.parallel import RankLayout
-from scripts import campaign
 from scripts.serve import REPO_ROOT, free_ports
-from tests.conftest import SMALL, png_base64
+from tests.harness.faults import run_deadline
+from tests.harness.payloads import BIG, SMALL, png_base64, video_problem
+from tests.harness.servers import DEADLINE_HANDLER, DEADLINE_RESPONSE_TIMEOUT_S, model_config, running, wait_busy
 
 TINY_CONFIG = REPO_ROOT / "config" / "models" / "tiny-ti2v.yaml"
 
@@ -176,11 +176,11 @@ def two_rank_server(tmp_path_factory, server_weights):
     scenario's timeouts so a long request can be stopped."""
     root = tmp_path_factory.mktemp("two-ranks")
     top = {"minWorkers": 1, "maxWorkers": 1, "deviceType": "cpu", "parallelType": "tp",
-           "responseTimeout": campaign.DEADLINE_RESPONSE_TIMEOUT_S,
+           "responseTimeout": DEADLINE_RESPONSE_TIMEOUT_S,
            # Its own rendezvous port: never the default 29400 another job may hold.
            "torchrun": {"nproc-per-node": 2, "rdzv-endpoint": f"127.0.0.1:{free_ports(1)[0]}"}}
-    config = campaign.model_config(root / "model-config.yaml", top, campaign.DEADLINE_HANDLER)
-    with campaign.running(root, config, server_weights) as server:
+    config = model_config(root / "model-config.yaml", top, DEADLINE_HANDLER)
+    with running(root, config, server_weights) as server:
         yield server
 
 
@@ -195,7 +195,7 @@ def test_torchserve_runs_one_worker_of_two_ranks_and_answers_like_one(two_rank_s
     assert len(_ranks(two_rank_server)) == 2
     served = two_rank_server.post({"prompt": "a cat", **SMALL, "seed": 1, "output": "inline"})
     assert served.status_code == 200
-    assert campaign.video_problem(served, SMALL) is None
+    assert video_problem(served, SMALL) is None
     refused = two_rank_server.post({"prompt": "x", "width": 12345})
     assert refused.status_code == 400 and refused.json()["error"]["field"] == "height"
     streamed = two_rank_server.post({"prompt": "a cat", **SMALL, "stream": True, "output": "inline"})
@@ -209,7 +209,7 @@ def test_torchserve_runs_one_worker_of_two_ranks_and_answers_like_one(two_rank_s
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
 def test_two_ranks_stop_together_at_the_deadline_and_keep_serving(two_rank_server, stream):
     ranks_before = {p.pid for p in _ranks(two_rank_server)}
-    result = campaign.run_deadline(two_rank_server, stream=stream)
+    result = run_deadline(two_rank_server, stream=stream)
     assert result["problems"] == []
     assert "stopped after step" in result["message"]
     assert {p.pid for p in _ranks(two_rank_server)} == ranks_before  # no rank restarted
@@ -224,12 +224,14 @@ def test_a_rank_killed_mid_generation_gets_an_error_and_the_worker_comes_back(tw
     answer: dict = {}
 
     def send() -> None:
-        response = two_rank_server.post({"prompt": "killed", **campaign.BIG, "num_inference_steps": 20}, timeout=60)
+        response = two_rank_server.post({"prompt": "killed", **BIG, "num_inference_steps": 20}, timeout=60)
         answer.update(status=response.status_code, body=response.text)
 
     thread = threading.Thread(target=send, daemon=True)
     thread.start()
-    time.sleep(1.5)
+    # Killed once it is working on the request (a fixed sleep could fire before the request reached
+    # the ranks on a loaded machine, and the restarted worker would then serve it).
+    assert wait_busy(victim.pid, cpu_s=0.5, timeout_s=60) is not None, "the rank never started on the request"
     os.kill(victim.pid, signal.SIGKILL)
     thread.join(60)
     assert not thread.is_alive()
@@ -238,7 +240,7 @@ def test_a_rank_killed_mid_generation_gets_an_error_and_the_worker_comes_back(tw
     assert new_pid is not None
     assert len(_ranks(two_rank_server)) == 2
     after = two_rank_server.post({"prompt": "after", **SMALL, "output": "inline"})
-    assert after.status_code == 200 and campaign.video_problem(after, SMALL) is None
+    assert after.status_code == 200 and video_problem(after, SMALL) is None
 
 
 def test_benchmark_parallel_stage_records_speedup_and_frame_difference(tmp_path):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import io
 import json
 import math
 
@@ -15,6 +13,7 @@ from handler.config import RequestLimits
 from handler.errors import InvalidRequest, PayloadTooLarge
 from handler.request import FIELDS, MAX_SEED, GenerationRequest, OutputKind, parse_request
 from handler.variants import I2V_A14B, OFFICIAL_NEGATIVE_PROMPT, T2V_A14B, TI2V_5B, VariantSpec
+from tests.harness.payloads import png_base64
 
 LIMITS = RequestLimits()
 SPECS = [T2V_A14B, I2V_A14B, TI2V_5B]
@@ -23,9 +22,7 @@ TWO_EXPERTS = [T2V_A14B, I2V_A14B]
 
 
 def png_b64(width: int = 64, height: int = 48, color=(10, 120, 200)) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return png_base64(width, height, color)
 
 
 IMAGE = png_b64()
@@ -811,7 +808,6 @@ def test_default_body_limit():
 
 @pytest.mark.parametrize("image_size", [(4000, 3000), (3000, 2000), (800, 1000), (1920, 1080), (1000, 1000)])
 def test_the_size_picked_for_an_image_splits_over_sequence_ranks(image_size):
-    from PIL import Image
 
     from handler.request import _size_for_image
     from handler.variants import VARIANTS

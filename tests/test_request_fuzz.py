@@ -338,7 +338,7 @@ def test_the_service_parser_with_the_real_tokenizer_never_fails_on_text(services
     json.dumps(request.parameters(), ensure_ascii=False).encode("utf-8")
 
 
-# -- regressions found by the fuzz campaign (scripts/campaign.py) -------------------------------------------
+# -- regressions found by the fuzz campaign (tests/harness/campaign.py) -------------------------------------------
 
 
 def _nested(depth: int) -> list:

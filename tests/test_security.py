@@ -1,7 +1,7 @@
 """Security defaults (README.md, "Security defaults"), each checked where it can fail:
 
-- checkov on the Dockerfile, the configs, kserve/, karmada/ and the predictor pods rendered from
-  each InferenceService (scripts/security_scan.py): no finding but the accepted ones, each with
+- checkov on the Dockerfile, the configs, kserve/, karmada/, jobs/deploy/ and the predictor pods rendered from
+  each InferenceService (scripts/manifests/security.py): no finding but the accepted ones, each with
   its reason at the source;
 - the TorchServe configs: loopback-only addresses and token auth locally, management and gRPC
   inside the pod in KServe, model registration over the API off, no URL that could be fetched;
@@ -16,7 +16,7 @@ Elsewhere, not repeated here: the numeric non-root USER and HF_HUB_OFFLINE=1
 management API refused by a running server (tests/test_torchserve.py), no key file, no bytecode
 and nothing in the working directory or the store from a server with the KServe config
 (tests/test_kserve_store.py), no credentials in manifests and CPU/memory limits on every
-InferenceService (scripts/checks_kserve.py).
+InferenceService (scripts/manifests/kserve.py).
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ import pytest
 import yaml
 
 from model_store.kserve_store import read_properties
-from scripts import security_scan
-from scripts.validate_manifests import REPO_ROOT, load_manifests
-from tests.test_dockerfile import instructions, stages
+from scripts.manifests import REPO_ROOT, load_manifests
+from scripts.manifests import security as security_scan
+from tests.harness.dockerfile import image_env, instructions, stages
+from tests.harness.payloads import REMOTE_IMAGE_URLS
 
 KSERVE = REPO_ROOT / "kserve"
 RUNTIME_FILE = KSERVE / "clusterservingruntime-wan-torchserve.yaml"
@@ -47,10 +48,18 @@ ISVC_FILES = ["kserve/inferenceservice-ti2v-5b.yaml", "kserve/inferenceservice-t
 # Every finding checkov may report, by file, with the reason accepted at its source. Anything else
 # fails the suite; a new acceptance is a deliberate change here and a reason there.
 PREDICTOR_POD_ACCEPTED = {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_40", "CKV2_K8S_6"}
+# The job service's workloads (jobs/deploy/): a release tag, IfNotPresent, and the database URL
+# from CloudNativePG's Secret as an env var (the job service reads JOBS_DATABASE_URL); the worker
+# also has no probes (it serves nothing, and an HTTP probe would only reach its metrics thread).
+JOBS_ACCEPTED = {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_35"}
+JOBS_WORKLOADS = {"jobs/deploy/deployment-api.yaml": JOBS_ACCEPTED,
+                  "jobs/deploy/deployment-worker.yaml": JOBS_ACCEPTED | {"CKV_K8S_8", "CKV_K8S_9"},
+                  "jobs/deploy/job-migrate.yaml": JOBS_ACCEPTED}
 ACCEPTED = {
     "Dockerfile": {"CKV_DOCKER_7"},
     "kserve/plain/deployment-ti2v-5b.yaml": {"CKV_K8S_43", "CKV_K8S_15", "CKV_K8S_40"},
     **{f"rendered:{f}": PREDICTOR_POD_ACCEPTED for f in ISVC_FILES},
+    **JOBS_WORKLOADS,
 }
 # What the manifests fixed rather than accepted: checkov must have seen each pass on every workload.
 HARDENING = {
@@ -68,7 +77,10 @@ HARDENING = {
     "CKV_K8S_9": "readiness probe",
     "CKV_K8S_14": "image tag",
 }
-WORKLOADS = {"kserve/plain/deployment-ti2v-5b.yaml", *(f"rendered:{f}" for f in ISVC_FILES)}
+WORKLOADS = {"kserve/plain/deployment-ti2v-5b.yaml", *(f"rendered:{f}" for f in ISVC_FILES), *JOBS_WORKLOADS}
+# Hardening that does not apply: a Job runs to completion (nothing to probe), the worker serves nothing.
+NOT_APPLICABLE = {"jobs/deploy/deployment-worker.yaml": {"CKV_K8S_8", "CKV_K8S_9"},
+                  "jobs/deploy/job-migrate.yaml": {"CKV_K8S_8", "CKV_K8S_9"}}
 
 
 def _docs(path: Path) -> list[dict]:
@@ -112,8 +124,9 @@ def test_every_accepted_finding_is_expected_and_explained_at_its_source(scan):
     [runtime] = _docs(RUNTIME_FILE)
     [deployment] = _docs(PLAIN_DEPLOYMENT)
     plain = ACCEPTED[str(PLAIN_DEPLOYMENT.relative_to(REPO_ROOT))]
+    jobs = [(_docs(REPO_ROOT / f)[0]["metadata"]["annotations"], ids) for f, ids in JOBS_WORKLOADS.items()]
     for where, expected in ((runtime["spec"]["annotations"], PREDICTOR_POD_ACCEPTED),
-                            (deployment["metadata"]["annotations"], plain)):
+                            (deployment["metadata"]["annotations"], plain), *jobs):
         skips = {k: v for k, v in where.items() if k.startswith("checkov.io/skip")}
         # checkov splits the value at "=": one, between the id and the reason.
         assert all(v.count("=") == 1 for v in skips.values()), skips
@@ -125,11 +138,13 @@ def test_checkov_saw_the_hardening_on_every_workload(scan):
     for result in scan.passed:
         passed.setdefault(result.file, set()).add(result.check_id)
     for workload in WORKLOADS:
-        missing = {f"{c} ({why})" for c, why in HARDENING.items() if c not in passed.get(workload, set())}
+        missing = {f"{c} ({why})" for c, why in HARDENING.items()
+                   if c not in passed.get(workload, set()) | NOT_APPLICABLE.get(workload, set())}
         assert not missing, f"{workload}: checkov did not pass {sorted(missing)}"
     # The Dockerfile's checks ran too (HEALTHCHECK, a USER that is not root, ...).
     assert {"CKV_DOCKER_2", "CKV_DOCKER_3", "CKV_DOCKER_8"} <= passed["Dockerfile"]
-    assert {"CKV2_K8S_6"} <= passed["kserve/plain/deployment-ti2v-5b.yaml"]  # its NetworkPolicy
+    for workload in ("kserve/plain/deployment-ti2v-5b.yaml", *JOBS_WORKLOADS):
+        assert {"CKV2_K8S_6"} <= passed[workload], workload  # its NetworkPolicy
 
 
 def test_checkov_checks_no_custom_resource_hence_the_rendered_pods(scan):
@@ -390,11 +405,9 @@ def test_the_import_check_flags_what_it_forbids(source, flagged):
 
 
 def test_image_urls_are_refused_by_the_request_tests():
-    """The handler's other way to fetch, an image given as a URL, is tested in test_images.py."""
-    from tests import test_images
-
-    [mark] = [m for m in test_images.test_urls_are_never_fetched.pytestmark if m.name == "parametrize"]
-    schemes = {value.strip().split(":", 1)[0].lower() for value in mark.args[1]}
+    """The handler's other way to fetch, an image given as a URL, is tested in test_images.py
+    (test_urls_are_never_fetched, over these URLs)."""
+    schemes = {value.strip().split(":", 1)[0].lower() for value in REMOTE_IMAGE_URLS}
     assert {"http", "https", "ftp", "file", "s3"} <= schemes
 
 
@@ -402,14 +415,6 @@ def test_image_urls_are_refused_by_the_request_tests():
 
 SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.IGNORECASE)
 SECRET_VALUE = re.compile(r"(AKIA|ASIA)[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY|ghp_[0-9A-Za-z]{36}|hf_[0-9A-Za-z]{30,}")
-
-
-def _image_env() -> dict[str, str]:
-    env = {}
-    for keyword, rest in stages((REPO_ROOT / "Dockerfile").read_text())[-1]:
-        if keyword == "ENV":
-            env.update(dict(re.findall(r"(\w+)=(\S+)", rest)))
-    return env
 
 
 def test_the_image_carries_no_secrets():
@@ -424,7 +429,7 @@ def test_the_image_carries_no_secrets():
 
 
 def test_everything_the_image_writes_lands_on_a_writable_mount():
-    env = _image_env()
+    env = image_env()
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     writable = ["TMPDIR", "TEMP", "LOG_LOCATION", "METRICS_LOCATION", "XDG_CACHE_HOME", "HF_HOME",
                 "TORCHINDUCTOR_CACHE_DIR", "TRITON_HOME", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH"]

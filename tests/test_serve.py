@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from scripts.serve import ServerLayout, _java_version, find_java_home, start
-from tests.conftest import free_ports
+from scripts.serve import ServerLayout, _java_version, find_java_home, free_ports, start
 
 
 def test_start_refuses_ports_that_something_else_holds(tmp_path):

@@ -13,7 +13,7 @@ from handler.envelopes import Envelope, Protocol
 from handler.request import GenerationRequest, OutputKind
 from handler.service import WanService
 from handler.video import probe_mp4
-from tests.conftest import SMALL, png_base64
+from tests.harness.payloads import SMALL, png_base64
 
 LAYOUT_REQUESTS = {
     "ti2v-5b": [{"prompt": "a cat surfing"}, {"prompt": "the cat jumps", "image": png_base64()}],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 import uuid
@@ -11,23 +10,20 @@ from datetime import datetime, timezone
 
 import pytest
 import requests
-from PIL import Image
 
 from handler.errors import ConfigError, InvalidRequest, PayloadTooLarge, StorageReadError
 from handler.service import WanService
 from handler.storage import ObjectStore, StorageConfig, StorageUnavailable
 from handler.version import code_version
 from handler.video import probe_mp4
-from scripts.serve import stop
-from tests.conftest import SMALL, png_base64, start_server
+from tests.harness.payloads import SMALL, image_bytes, png_base64
+from tests.harness.servers import start_server, stop_server
 
 SMALL_BODY = {"prompt": "a paper boat on a river", **SMALL}
 
 
 def _png_bytes(width=160, height=96) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (10, 120, 200)).save(buffer, "PNG")
-    return buffer.getvalue()
+    return image_bytes(width, height)
 
 
 @pytest.fixture()
@@ -179,7 +175,7 @@ def s3_server(tmp_path_factory, server_weights, moto):
     server = start_server(tmp_path_factory.mktemp("torchserve-s3"), server_weights, extra_env=env)
     server.buckets = {"results": results, "inputs": inputs}
     yield server
-    stop(server.layout)
+    stop_server(server)
 
 
 def test_url_output_through_torchserve(s3_server):
@@ -255,7 +251,7 @@ def test_missing_bucket_at_start_serves_inline_without_crash_loop(tmp_path_facto
         log = (server.layout.run_dir / "logs" / "model_log.log").read_text()
         assert "bucket-that-does-not-exist is not usable" in log
     finally:
-        stop(server.layout)
+        stop_server(server)
 
 
 def test_url_output_is_refused_without_storage(torchserve):

@@ -11,7 +11,7 @@ import requests
 from handler.video import probe_mp4
 from scripts.client import ServerError, WanClient
 from scripts.serve import start
-from tests.conftest import SMALL, png_base64
+from tests.harness.payloads import SMALL, png_base64
 
 SMALL_BODY = {"prompt": "a paper boat on a river", **SMALL}
 

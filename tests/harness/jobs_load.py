@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import httpx
 import psycopg
 
-from tests.jobs_support import TINY_JOB, JobService, Postgres, jobs_config, wait_for
+from tests.harness.jobs import TINY_JOB, JobService, Postgres, jobs_config, wait_for
 
 FINISHED = ("completed", "failed", "cancelled")
 
@@ -97,7 +97,7 @@ def run_load(service: JobService, jobs: int, clients: int, job: dict | None = No
     for index, batch in enumerate(accepted):
         with service.client(keys[index]) as client:
             for video_id in batch:
-                def finished() -> bool:
+                def finished(video_id: str = video_id, client: httpx.Client = client) -> bool:
                     videos[video_id] = client.get(f"/v1/videos/{video_id}").json()
                     return videos[video_id].get("status") in FINISHED
                 wait_for(finished, max(1.0, deadline - time.monotonic()), f"job {video_id}", interval=0.2)

@@ -5,7 +5,7 @@ runs: ``--requests`` small requests with the trim after each (as shipped) and wi
 process's RSS read after each block; then the trim's own cost after a small and a big request.
 The figures RELIABILITY.md quotes for the trim come from this script's JSON.
 
-    .venv/bin/python -m scripts.heap_trim --out reliability/results/heap-trim.json
+    .venv/bin/python -m tests.harness.heap_trim --out reliability/results/heap-trim.json
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from typing import Any
 import yaml
 
 from scripts.serve import REPO_ROOT, ServerLayout
+from tests.harness.payloads import BIG as LARGEST
+from tests.harness.payloads import SMALL
 
-SMALL = {"width": 128, "height": 128, "num_frames": 9, "num_inference_steps": 2}  # campaign.SMALL
-BIG = {"width": 512, "height": 512, "num_frames": 65, "num_inference_steps": 2}  # tiny-ti2v's largest size
+BIG = {**LARGEST, "num_inference_steps": 2}  # tiny-ti2v's largest size, few steps: the trim's cost, not denoising
 BLOCK = 60
 
 
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     # trim has just emptied, as a long-running worker's would be.
     runs = [growth(service, args.requests, trim=False, seed=0), growth(service, args.requests, trim=True, seed=1)]
     result = {
-        "command": "python -m scripts.heap_trim" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
+        "command": "python -m tests.harness.heap_trim" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "machine": {"platform": platform.platform(), "python": platform.python_version()},

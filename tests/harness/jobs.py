@@ -1,6 +1,6 @@
-"""A live job service for tests: its own PostgreSQL (pgserver), a real TorchServe on the tiny
-model, and the API and the worker as real processes (``python -m jobs ...``) on free 127.0.0.1
-ports, so that tests can kill -9 either of them. Loaded as a pytest plugin by conftest.py."""
+"""A live job service for tests: its own PostgreSQL (pgserver) and the API and the worker as real
+processes (``python -m jobs ...``) on free 127.0.0.1 ports, so that tests can kill -9 either of
+them; in front of a real TorchServe on the tiny model (tests/conftest.py's jobs_* fixtures)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 
-from scripts.serve import free_ports, isolated_layout, start, stop
+from scripts.serve import REPO_ROOT, free_ports
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # The smallest request the tiny model answers in a fraction of a second.
 TINY_JOB = {"size": "64x64", "num_frames": 5, "num_inference_steps": 2}
 # A job that keeps the tiny model busy for a few seconds (to find it queued or running).
@@ -179,33 +177,3 @@ def jobs_config(torchserve, **extra_models) -> dict:
         models.append({"name": name, "variant": "ti2v-5b", "model_config": model_config,
                        "endpoints": [dict(base, **endpoint) for endpoint in endpoints]})
     return {"models": models}
-
-
-@pytest.fixture(scope="session")
-def jobs_torchserve(tmp_path_factory, server_weights):
-    """A TorchServe of the job tests' own (one worker), so that their long and cancelled jobs
-    never slow or skew another test's server."""
-    from tests.conftest import Server
-
-    server = Server(isolated_layout(tmp_path_factory.mktemp("jobs-torchserve"), weights_dir=server_weights))
-    start(server.layout, timeout_s=240, isolated=True)
-    yield server
-    stop(server.layout)
-
-
-@pytest.fixture(scope="session")
-def jobs_postgres(tmp_path_factory):
-    database = Postgres(tmp_path_factory.mktemp("jobs-pg") / "data")
-    database.start()
-    yield database
-    database.stop()
-
-
-@pytest.fixture(scope="session")
-def jobs_service(tmp_path_factory, jobs_torchserve, jobs_postgres):
-    """The live job service (API + worker in one process) on the tiny model."""
-    root = tmp_path_factory.mktemp("jobs")
-    service = JobService(root, jobs_postgres, jobs_config(jobs_torchserve), env={"JOBS_MAX_ACTIVE_PER_USER": "3"})
-    service.start()
-    yield service
-    service.stop()

@@ -1,5 +1,4 @@
-"""Cross-checks for the KServe manifests (see scripts.validate_manifests): what the CRD schemas
-cannot say.
+"""Cross-checks for the KServe manifests: what the CRD schemas cannot say.
 
 The TorchServe side comes from the repo, never from the network: ``config/kserve/config.properties``
 (ports, auth) and, per InferenceService, ``config/models/<variant>.yaml`` (found through the
@@ -48,33 +47,33 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from model_store.kserve_store import (
-    MODEL_NAME,
-    MODEL_VERSION,
-    MOUNT_PATH,
-    StoreError,
-    load_model_config,
-    model_snapshot,
-    parse_s3_uri,
-    read_properties,
-    render_config_properties,
+from model_store.kserve_store import MODEL_NAME, MOUNT_PATH, StoreError, parse_s3_uri
+from scripts.manifests.context import Context
+from scripts.manifests.core import Manifest, Problem, of_kind
+from scripts.manifests.kube import (
+    CONTAINER_NAME,
+    KSERVE_GROUP,
+    RUNTIME_KINDS,
+    as_int,
+    duration_s,
+    env_values,
+    find_runtime,
+    named_container,
+    pod_specs,
+    pod_template,
+    quantity,
+    render_predictor_pod,
 )
-from scripts.validate_manifests import Context, Manifest, Problem
+from scripts.manifests.torchserve import KS_CONFIG, TorchServeConfig
 
-KSERVE_GROUP = "serving.kserve.io"
-RUNTIME_KINDS = ("ServingRuntime", "ClusterServingRuntime")
 VARIANT_LABEL = "wan.serving/variant"
 DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"
 PROGRESS_DEADLINE = "serving.knative.dev/progress-deadline"
 KNATIVE_DEFAULT_PROGRESS_DEADLINE_S = 600  # Knative's config-deployment default
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = "nvidia.com/gpu.present"
-# TorchServe's parallelType values whose worker it starts with torchrun, one rank (one GPU) per process.
-TORCHRUN_PARALLEL_TYPES = ("tp", "pp", "pptp")
 SHM_PATH = "/dev/shm"
-CONTAINER_NAME = "kserve-container"
 # TorchServe's switch for its own KServe envelope, as an env variable (with enable_envvars_config)
 # and as a config.properties key: both must stay unset, the handler reads the bodies itself.
 ENVELOPE_ENV = "TS_SERVICE_ENVELOPE"
@@ -88,8 +87,6 @@ STORE_ARGS = (f"--model-store={MOUNT_PATH}/model-store", f"--ts-config={MOUNT_PA
 LOCALMODEL_JOB_NAMESPACE = "kserve-localmodel-jobs"  # KServe's default localModel.jobNamespace
 S3_ANNOTATIONS = ("serving.kserve.io/s3-endpoint", "serving.kserve.io/s3-usehttps", "serving.kserve.io/s3-region")
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
-KS_CONFIG = Path("config") / "kserve" / "config.properties"
-MODEL_CONFIGS = Path("config") / "models"
 _SECOND_APPLY = re.compile(r"^#\s*validate:\s*second-apply-of\s+(\S+)\s*$", re.MULTILINE)
 _AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
 _MANAGEMENT_URL = re.compile(r"127\.0\.0\.1:(\d+)/models/([A-Za-z0-9_.-]+)")
@@ -98,148 +95,26 @@ _MANAGEMENT_URL = re.compile(r"127\.0\.0\.1:(\d+)/models/([A-Za-z0-9_.-]+)")
 # -- shared lookups ---------------------------------------------------------------------
 
 
-def _of_kind(manifests: Iterable[Manifest], kind: str, group: str | None = None) -> list[Manifest]:
-    return [m for m in manifests if m.kind == kind and (group is None or m.group == group)]
-
-
 def _kserve(manifests: Iterable[Manifest], *kinds: str) -> list[Manifest]:
     return [m for m in manifests if m.group == KSERVE_GROUP and m.kind in kinds]
 
 
-class _TorchServe:
-    """config/kserve/config.properties and the per-variant snapshots, read once per run."""
-
-    def __init__(self, repo_root: Path):
-        self.repo_root = repo_root
-        self.config_path = repo_root / KS_CONFIG
-        self.problems: list[Problem] = []
-        self.properties: dict[str, str] = {}
-        self._snapshots: dict[str, dict[str, Any] | StoreError] = {}
-        self._configs: dict[str, dict[str, Any]] = {}
-        try:
-            self.template = self.config_path.read_text(encoding="utf-8")
-        except OSError as e:
-            self.template = None
-            self.problems.append(Problem(None, "", f"cannot read the KServe TorchServe config: {e}",
-                                         file=self.config_path))
-            return
-        self.properties = read_properties(self.template)
-
-    def port(self, key: str) -> int | None:
-        url = self.properties.get(key, "")
-        try:
-            return urlsplit(url).port
-        except ValueError:
-            return None
-
-    def host(self, key: str) -> str | None:
-        return urlsplit(self.properties.get(key, "")).hostname
-
-    def model_config_path(self, variant: str) -> Path:
-        return self.repo_root / MODEL_CONFIGS / f"{variant}.yaml"
-
-    def snapshot(self, variant: str) -> dict[str, Any]:
-        """The model's entry in the snapshot the builder writes for this variant (StoreError if
-        the model config is missing or incomplete)."""
-        if variant not in self._snapshots:
-            path = self.model_config_path(variant)
-            source = str(path.relative_to(self.repo_root)) if path.is_relative_to(self.repo_root) else str(path)
-            try:
-                if not path.is_file():
-                    raise StoreError(f"no model config {source} for variant {variant!r}")
-                config = load_model_config(path)
-                self._configs[variant] = config
-                snapshot = model_snapshot(config, MODEL_NAME, MODEL_VERSION, source=source)
-                if self.template is not None:
-                    render_config_properties(config, self.template, MODEL_NAME, source=source)
-                self._snapshots[variant] = dict(snapshot["models"][MODEL_NAME][MODEL_VERSION], source=source)
-            except StoreError as e:
-                self._snapshots[variant] = e
-        result = self._snapshots[variant]
-        if isinstance(result, StoreError):
-            raise result
-        return result
-
-    def ranks_per_worker(self, variant: str) -> tuple[int | None, str]:
-        """How many processes (one GPU each) one TorchServe worker of this variant runs, and
-        why: torchrun's ``nproc-per-node`` for a torchrun parallelType, else 1. None when the
-        config asks for torchrun without a usable process count. Call after ``snapshot``."""
-        config = self._configs.get(variant) or {}
-        parallel_type = config.get("parallelType")
-        if parallel_type not in TORCHRUN_PARALLEL_TYPES:
-            return 1, "no torchrun parallelType: one process per worker"
-        torchrun = config.get("torchrun")
-        nproc = _int(torchrun.get("nproc-per-node")) if isinstance(torchrun, dict) else None
-        if not nproc:
-            return None, (f"parallelType {parallel_type} without a torchrun.nproc-per-node (a positive "
-                          "integer): TorchServe would not know how many ranks to start")
-        return nproc, f"parallelType {parallel_type}, torchrun.nproc-per-node {nproc}"
-
-    def device_ids(self, variant: str) -> list[Any] | None:
-        ids = (self._configs.get(variant) or {}).get("deviceIds")
-        return ids if isinstance(ids, list) else None
-
-
-def _torchserve(context: Context) -> _TorchServe:
-    if "kserve_torchserve" not in context.extra:
-        context.extra["kserve_torchserve"] = _TorchServe(context.repo_root)
-    return context.extra["kserve_torchserve"]
-
-
-def _find_runtime(manifests: list[Manifest], name: str, namespace: str | None) -> Manifest | None:
-    for m in _kserve(manifests, "ServingRuntime"):
-        if m.name == name and m.namespace == namespace:
-            return m
-    for m in _kserve(manifests, "ClusterServingRuntime"):
-        if m.name == name:
-            return m
-    return None
-
-
-def _container(runtime: Manifest) -> tuple[int, dict[str, Any]] | None:
-    for index, container in enumerate(runtime.get("spec", "containers", default=[]) or []):
-        if isinstance(container, dict) and container.get("name") == CONTAINER_NAME:
-            return index, container
-    return None
-
-
-def _env(container: dict[str, Any]) -> dict[str, str]:
-    return {e.get("name"): str(e.get("value", "")) for e in container.get("env") or [] if isinstance(e, dict)}
+def _effective(isvc: Manifest, runtime: Manifest | None) -> dict[str, Any]:
+    """What the predictor pod's model container gets (kube.render_predictor_pod: the runtime's
+    kserve-container with the model's fields merged over it): env by name, resources, image, its
+    mounts by path and the pod's volumes by name."""
+    pod = render_predictor_pod(isvc.doc, runtime.doc if runtime is not None else None)["spec"]
+    _, container = named_container(pod.get("containers"))
+    return {"env": env_values(container), "resources": container.get("resources") or {},
+            "image": container.get("image"),
+            "volumeMounts": {m.get("mountPath"): m for m in container.get("volumeMounts") or [] if isinstance(m, dict)},
+            "volumes": {v.get("name"): v for v in pod.get("volumes") or [] if isinstance(v, dict)}}
 
 
 def _envelope_env_problems(manifest: Manifest, where: str, container: dict[str, Any]) -> list[Problem]:
     """ENVELOPE_ENV in a container's env (``where`` is the container's path)."""
     return [Problem(manifest, f"{where}/env/{i}", f"sets {ENVELOPE_ENV}: remove it; {ENVELOPE_WHY}")
             for i, e in enumerate(container.get("env") or []) if isinstance(e, dict) and e.get("name") == ENVELOPE_ENV]
-
-
-def _int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"\d+", value.strip()):
-        return int(value)
-    return None
-
-
-def _duration_s(text: str) -> float | None:
-    """A Go duration (``1800s``, ``30m``, ``1h30m``) in seconds."""
-    text = str(text).strip()
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        return None
-    factor = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-    return sum(float(n) * factor[u] for n, u in parts)
-
-
-_QUANTITY = {"": 1, "m": 10**-3, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
-             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
-
-
-def _quantity(value: Any) -> float | None:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|m|k|M|G|T|P)?", str(value).strip())
-    return float(match.group(1)) * _QUANTITY[match.group(2) or ""] if match else None
 
 
 def _probe_port_problems(manifest: Manifest, where: str, probe: Any, ports: dict[str | int, int],
@@ -280,10 +155,11 @@ def _store_args_problems(manifest: Manifest, where: str, container: dict[str, An
 # -- config/kserve/config.properties ----------------------------------------------------
 
 
-def check_torchserve_config(manifests: list[Manifest], context: Context) -> list[Problem]:
+def check_torchserve_config(context: Context) -> list[Problem]:
+    manifests = context.manifests
     if not _kserve(manifests, "InferenceService", *RUNTIME_KINDS):
         return []
-    ts = _torchserve(context)
+    ts = context.torchserve
     if ts.template is None:
         return list(ts.problems)
     path, props = ts.config_path, ts.properties
@@ -323,13 +199,14 @@ def check_torchserve_config(manifests: list[Manifest], context: Context) -> list
 # -- serving runtimes -------------------------------------------------------------------
 
 
-def check_runtimes(manifests: list[Manifest], context: Context) -> list[Problem]:
-    ts = _torchserve(context)
+def check_runtimes(context: Context) -> list[Problem]:
+    manifests = context.manifests
+    ts = context.torchserve
     inference, management, metrics = (ts.port(k) for k in ("inference_address", "management_address",
                                                             "metrics_address"))
     problems = []
     for runtime in _kserve(manifests, *RUNTIME_KINDS):
-        found = _container(runtime)
+        found = named_container(runtime.get("spec", "containers", default=[]) or [])
         if found is None:
             problems.append(Problem(runtime, "/spec/containers",
                                     f"no container named {CONTAINER_NAME!r}: KServe merges the predictor's "
@@ -357,7 +234,7 @@ def check_runtimes(manifests: list[Manifest], context: Context) -> list[Problem]
             problems += _probe_port_problems(runtime, f"{where}/{probe}", container.get(probe), named,
                                              inference, management)
         annotated = runtime.get("spec", "annotations", "prometheus.kserve.io/port")
-        if annotated is not None and _int(annotated) != metrics:
+        if annotated is not None and as_int(annotated) != metrics:
             problems.append(Problem(runtime, "/spec/annotations/prometheus.kserve.io~1port",
                                     f"metrics port {annotated} is not TorchServe's metrics port {metrics} "
                                     f"(metrics_address in {KS_CONFIG})"))
@@ -367,26 +244,6 @@ def check_runtimes(manifests: list[Manifest], context: Context) -> list[Problem]
 
 
 # -- inference services -----------------------------------------------------------------
-
-
-def _effective_container(isvc: Manifest, runtime: Manifest | None) -> dict[str, Any]:
-    """The runtime's kserve-container with the predictor's model fields merged over it (env by
-    name, resources by key), as KServe does."""
-    base = (_container(runtime) or (0, {}))[1] if runtime is not None else {}
-    model = isvc.get("spec", "predictor", "model", default={}) or {}
-    env = {**_env(base), **_env(model)}
-    resources: dict[str, dict[str, Any]] = {}
-    for source in (base.get("resources") or {}, model.get("resources") or {}):
-        for kind in ("requests", "limits"):
-            resources.setdefault(kind, {}).update(source.get(kind) or {})
-    # Strategic merge: volume mounts by mountPath, the pod's volumes by name.
-    mounts = {m.get("mountPath"): m for source in (base, model)
-              for m in source.get("volumeMounts") or [] if isinstance(m, dict)}
-    runtime_volumes = (runtime.get("spec", "volumes", default=[]) or []) if runtime is not None else []
-    predictor_volumes = isvc.get("spec", "predictor", "volumes", default=[]) or []
-    volumes = {v.get("name"): v for v in (*runtime_volumes, *predictor_volumes) if isinstance(v, dict)}
-    return {"env": env, "resources": resources, "image": model.get("image") or base.get("image"),
-            "volumeMounts": mounts, "volumes": volumes}
 
 
 def _limit_problems(isvc: Manifest, model: dict[str, Any]) -> list[Problem]:
@@ -402,7 +259,7 @@ def _limit_problems(isvc: Manifest, model: dict[str, Any]) -> list[Problem]:
             problems.append(Problem(isvc, where, f"no {name} limit: KServe fills it from its inferenceservice-config "
                                                  "(1 CPU and 2Gi by default), whatever the runtime says, and a "
                                                  "request above it makes the pod invalid"))
-        elif name in requests and (_quantity(limits[name]) or 0) < (_quantity(requests[name]) or 0):
+        elif name in requests and (quantity(limits[name]) or 0) < (quantity(requests[name]) or 0):
             problems.append(Problem(isvc, where, f"{name} limit {limits[name]} is below the request {requests[name]}"))
     return problems
 
@@ -447,11 +304,11 @@ def _credential_problems(isvc: Manifest, manifests: list[Manifest]) -> list[Prob
     if not account:
         return [Problem(isvc, where, "an s3:// store needs serviceAccountName: the ServiceAccount whose Secret "
                                      "holds the S3 credentials and serving.kserve.io/s3-* annotations")]
-    accounts = [m for m in _of_kind(manifests, "ServiceAccount") if m.name == account and m.namespace == isvc.namespace]
+    accounts = [m for m in of_kind(manifests, "ServiceAccount") if m.name == account and m.namespace == isvc.namespace]
     if not accounts:
         return [Problem(isvc, where, f"ServiceAccount {account!r} is not declared in namespace {isvc.namespace}")]
     listed = {s.get("name") for s in accounts[0].get("secrets", default=[]) or [] if isinstance(s, dict)}
-    secrets = [m for m in _of_kind(manifests, "Secret")
+    secrets = [m for m in of_kind(manifests, "Secret")
                if m.name in listed and m.namespace == isvc.namespace
                and "serving.kserve.io/s3-endpoint" in (m.get("metadata", "annotations", default={}) or {})]
     if not secrets:
@@ -461,8 +318,9 @@ def _credential_problems(isvc: Manifest, manifests: list[Manifest]) -> list[Prob
     return []
 
 
-def check_inference_services(manifests: list[Manifest], context: Context) -> list[Problem]:
-    ts = _torchserve(context)
+def check_inference_services(context: Context) -> list[Problem]:
+    manifests = context.manifests
+    ts = context.torchserve
     problems = []
     for isvc in _kserve(manifests, "InferenceService"):
         predictor = isvc.get("spec", "predictor", default={}) or {}
@@ -500,7 +358,7 @@ def check_inference_services(manifests: list[Manifest], context: Context) -> lis
                                     "runtime is required (wan-torchserve): auto-selection could pick KServe's "
                                     "stock TorchServe, which cannot read this store"))
         else:
-            runtime = _find_runtime(manifests, runtime_name, isvc.namespace)
+            runtime = find_runtime(manifests, runtime_name, isvc.namespace)
             if runtime is None:
                 problems.append(Problem(isvc, "/spec/predictor/model/runtime",
                                         f"unknown runtime {runtime_name!r}: no ClusterServingRuntime, nor "
@@ -522,7 +380,7 @@ def check_inference_services(manifests: list[Manifest], context: Context) -> lis
                 problems.append(Problem(isvc, "/spec/predictor/model/protocolVersion",
                                         f"runtime {runtime_name!r} does not serve protocol {protocol!r} "
                                         f"(serves {protocols})"))
-        effective = _effective_container(isvc, runtime)
+        effective = _effective(isvc, runtime)
         if protocol not in PROTOCOLS:
             problems.append(Problem(isvc, "/spec/predictor/model/protocolVersion",
                                     f"protocol {protocol!r} is not served (the handler reads KServe's "
@@ -584,7 +442,7 @@ def _scaling_problems(isvc: Manifest, predictor: dict[str, Any], snapshot: dict[
                                     "TorchServe is still generating"))
         deadline_raw = (predictor.get("annotations") or {}).get(PROGRESS_DEADLINE) or \
             (isvc.get("metadata", "annotations", default={}) or {}).get(PROGRESS_DEADLINE)
-        deadline = _duration_s(deadline_raw) if deadline_raw is not None else KNATIVE_DEFAULT_PROGRESS_DEADLINE_S
+        deadline = duration_s(deadline_raw) if deadline_raw is not None else KNATIVE_DEFAULT_PROGRESS_DEADLINE_S
         where = "/spec/predictor/annotations"
         if deadline is None:
             problems.append(Problem(isvc, where,
@@ -605,12 +463,12 @@ def _scaling_problems(isvc: Manifest, predictor: dict[str, Any], snapshot: dict[
 def _gpu_problems(isvc: Manifest, predictor: dict[str, Any], effective: dict[str, Any]) -> list[Problem]:
     problems = []
     limits, requests = effective["resources"].get("limits", {}), effective["resources"].get("requests", {})
-    gpus = _int(limits.get(GPU_RESOURCE))
+    gpus = as_int(limits.get(GPU_RESOURCE))
     if not gpus or gpus < 1:
         problems.append(Problem(isvc, "/spec/predictor/model/resources/limits",
                                 f"no {GPU_RESOURCE} limit: the pod would be scheduled without a GPU and the "
                                 "model would not load (deviceType gpu)"))
-    elif GPU_RESOURCE in requests and _int(requests[GPU_RESOURCE]) != gpus:
+    elif GPU_RESOURCE in requests and as_int(requests[GPU_RESOURCE]) != gpus:
         problems.append(Problem(isvc, "/spec/predictor/model/resources/requests",
                                 f"{GPU_RESOURCE} request {requests[GPU_RESOURCE]} differs from the limit {gpus} "
                                 "(extended resources cannot be overcommitted)"))
@@ -620,7 +478,7 @@ def _gpu_problems(isvc: Manifest, predictor: dict[str, Any], effective: dict[str
     return problems
 
 
-def _rank_problems(isvc: Manifest, effective: dict[str, Any], ts: _TorchServe, variant: str,
+def _rank_problems(isvc: Manifest, effective: dict[str, Any], ts: TorchServeConfig, variant: str,
                    snapshot: dict[str, Any]) -> list[Problem]:
     """The pod's GPUs are the ones TorchServe's workers use, and a worker of several ranks has
     a /dev/shm NCCL can work in."""
@@ -630,7 +488,7 @@ def _rank_problems(isvc: Manifest, effective: dict[str, Any], ts: _TorchServe, v
     if ranks is None:
         return [Problem(isvc, f"/metadata/labels/{VARIANT_LABEL.replace('/', '~1')}", f"{source}: {why}")]
     problems = []
-    gpus = _int(effective["resources"].get("limits", {}).get(GPU_RESOURCE))
+    gpus = as_int(effective["resources"].get("limits", {}).get(GPU_RESOURCE))
     expected = snapshot["maxWorkers"] * ranks
     if gpus and gpus != expected:
         problems.append(Problem(isvc, where,
@@ -640,7 +498,7 @@ def _rank_problems(isvc: Manifest, effective: dict[str, Any], ts: _TorchServe, v
                                                          else "the other GPUs would sit idle")))
     device_ids = ts.device_ids(variant)
     if gpus and device_ids is not None:
-        outside = [d for d in device_ids if _int(d) is None or _int(d) >= gpus]
+        outside = [d for d in device_ids if as_int(d) is None or as_int(d) >= gpus]
         if outside:
             problems.append(Problem(isvc, where,
                                     f"deviceIds {device_ids} ({source}) name GPUs the pod does not have "
@@ -670,7 +528,7 @@ def _shm_problems(isvc: Manifest, effective: dict[str, Any], ranks: int, source:
                         f"(shared memory, not node disk): {why}")]
     if mount.get("readOnly"):
         return [Problem(isvc, "/spec/predictor/model/volumeMounts", f"{SHM_PATH} is mounted readOnly: {why}")]
-    if _quantity(empty_dir.get("sizeLimit")) is None:
+    if quantity(empty_dir.get("sizeLimit")) is None:
         return [Problem(isvc, "/spec/predictor/volumes",
                         f"the memory-backed volume {mount.get('name')!r} at {SHM_PATH} needs a sizeLimit: "
                         "without one a runaway writer can fill the pod's whole memory limit")]
@@ -680,9 +538,10 @@ def _shm_problems(isvc: Manifest, effective: dict[str, Any], ranks: int, source:
 # -- secrets, caches --------------------------------------------------------------------
 
 
-def check_s3_secrets(manifests: list[Manifest], context: Context) -> list[Problem]:
+def check_s3_secrets(context: Context) -> list[Problem]:
+    manifests = context.manifests
     problems = []
-    for secret in _of_kind(manifests, "Secret"):
+    for secret in of_kind(manifests, "Secret"):
         annotations = secret.get("metadata", "annotations", default={}) or {}
         for kind in ("stringData", "data"):
             for key, value in (secret.get(kind, default={}) or {}).items():
@@ -718,7 +577,8 @@ def check_s3_secrets(manifests: list[Manifest], context: Context) -> list[Proble
     return problems
 
 
-def check_local_model_caches(manifests: list[Manifest], context: Context) -> list[Problem]:
+def check_local_model_caches(context: Context) -> list[Problem]:
+    manifests = context.manifests
     problems = []
     uris = {str(m.get("spec", "predictor", "model", "storageUri")) for m in _kserve(manifests, "InferenceService")}
     groups = {m.name: m for m in _kserve(manifests, "LocalModelNodeGroup")}
@@ -733,20 +593,20 @@ def check_local_model_caches(manifests: list[Manifest], context: Context) -> lis
             problems.append(Problem(cache, "/spec/sourceModelUri",
                                     f"{source!r} is no InferenceService's storageUri: KServe matches caches by "
                                     f"storageUri, so nothing would use this cache (storageUris: {sorted(uris)})"))
-        size = _quantity(cache.get("spec", "modelSize"))
+        size = quantity(cache.get("spec", "modelSize"))
         for i, name in enumerate(cache.get("spec", "nodeGroups", default=[]) or []):
             group = groups.get(name)
             if group is None:
                 problems.append(Problem(cache, f"/spec/nodeGroups/{i}", f"unknown LocalModelNodeGroup {name!r}"))
                 continue
-            limit = _quantity(group.get("spec", "storageLimit"))
+            limit = quantity(group.get("spec", "storageLimit"))
             if size is not None and limit is not None and size > limit:
                 problems.append(Problem(cache, "/spec/modelSize",
                                         f"modelSize {cache.get('spec', 'modelSize')} exceeds node group {name}'s "
                                         f"storageLimit {group.get('spec', 'storageLimit')}"))
         account = cache.get("spec", "serviceAccountName")
         if account and not any(m.name == account and m.namespace == LOCALMODEL_JOB_NAMESPACE
-                               for m in _of_kind(manifests, "ServiceAccount")):
+                               for m in of_kind(manifests, "ServiceAccount")):
             problems.append(Problem(cache, "/spec/serviceAccountName",
                                     f"ServiceAccount {account!r} is not declared in {LOCALMODEL_JOB_NAMESPACE}, "
                                     "where KServe runs the cache's download jobs"))
@@ -756,37 +616,27 @@ def check_local_model_caches(manifests: list[Manifest], context: Context) -> lis
 # -- plain workloads --------------------------------------------------------------------
 
 
-def _pod_template(manifest: Manifest) -> tuple[str, dict[str, Any]] | None:
-    if manifest.kind in ("Deployment", "StatefulSet", "DaemonSet") and manifest.group == "apps":
-        return "/spec/template", manifest.get("spec", "template", default={}) or {}
-    return None
-
-
 def _runs_torchserve(container: dict[str, Any]) -> bool:
     return "torchserve" in [str(a) for a in (container.get("command") or []) + (container.get("args") or [])]
 
 
-def check_plain_workloads(manifests: list[Manifest], context: Context) -> list[Problem]:
-    ts = _torchserve(context)
+def check_plain_workloads(context: Context) -> list[Problem]:
+    manifests = context.manifests
+    ts = context.torchserve
     inference, management = ts.port("inference_address"), ts.port("management_address")
     problems = []
-    claims = {(m.namespace, m.name) for m in _of_kind(manifests, "PersistentVolumeClaim")}
-    for workload in manifests:
-        found = _pod_template(workload)
-        if found is None:
-            continue
-        base, template = found
-        pod = template.get("spec") or {}
+    claims = {(m.namespace, m.name) for m in of_kind(manifests, "PersistentVolumeClaim")}
+    for workload, pod_path, pod in pod_specs(manifests):
         for i, volume in enumerate(pod.get("volumes") or []):
             claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
             if claim and (workload.namespace, claim) not in claims:
-                problems.append(Problem(workload, f"{base}/spec/volumes/{i}",
+                problems.append(Problem(workload, f"{pod_path}/volumes/{i}",
                                         f"PersistentVolumeClaim {claim!r} is not declared in namespace "
                                         f"{workload.namespace}"))
         for index, container in enumerate(pod.get("containers") or []):
             if not _runs_torchserve(container):
                 continue
-            where = f"{base}/spec/containers/{index}"
+            where = f"{pod_path}/containers/{index}"
             ports = {p.get("name"): p.get("containerPort") for p in container.get("ports") or [] if p.get("name")}
             if inference not in [p.get("containerPort") for p in container.get("ports") or []]:
                 problems.append(Problem(workload, f"{where}/ports",
@@ -797,11 +647,11 @@ def check_plain_workloads(manifests: list[Manifest], context: Context) -> list[P
                                                  inference, management)
             problems += _store_args_problems(workload, f"{where}/args", container)
             problems += _envelope_env_problems(workload, where, container)
-            if _int(((container.get("resources") or {}).get("limits") or {}).get(GPU_RESOURCE)) in (None, 0):
+            if as_int(((container.get("resources") or {}).get("limits") or {}).get(GPU_RESOURCE)) in (None, 0):
                 problems.append(Problem(workload, f"{where}/resources/limits",
                                         f"no {GPU_RESOURCE} limit: the model would not load (deviceType gpu)"))
             if str((pod.get("nodeSelector") or {}).get(GPU_NODE_LABEL)) != "true":
-                problems.append(Problem(workload, f"{base}/spec/nodeSelector",
+                problems.append(Problem(workload, f"{pod_path}/nodeSelector",
                                         f"nodeSelector must require {GPU_NODE_LABEL}: \"true\" (GPU nodes)"))
             if not any(m.get("mountPath") == str(MOUNT_PATH) for m in container.get("volumeMounts") or []):
                 problems.append(Problem(workload, f"{where}/volumeMounts",
@@ -812,9 +662,9 @@ def check_plain_workloads(manifests: list[Manifest], context: Context) -> list[P
 
 def _service_problems(manifests: list[Manifest]) -> list[Problem]:
     problems = []
-    workloads = [(m, _pod_template(m)) for m in manifests]
+    workloads = [(m, pod_template(m)) for m in manifests]
     workloads = [(m, t[1]) for m, t in workloads if t is not None]
-    for service in _of_kind(manifests, "Service"):
+    for service in of_kind(manifests, "Service"):
         selector = service.get("spec", "selector", default={}) or {}
         if not selector:
             continue
@@ -854,7 +704,8 @@ def _second_apply_of(path: Path) -> str | None:
     return match.group(1) if match else None
 
 
-def check_duplicates(manifests: list[Manifest], context: Context) -> list[Problem]:
+def check_duplicates(context: Context) -> list[Problem]:
+    manifests = context.manifests
     """The same object twice is an error, unless every extra copy sits in a file marked as a
     second apply of the file that holds the original (a canary example, say)."""
     problems = []

@@ -1,5 +1,6 @@
 """checkov over what we ship, offline: the Dockerfile, the TorchServe configs, kserve/ and karmada/,
-and the predictor pods KServe builds from them. ``make security`` and tests/test_security.py run
+and the predictor pods KServe builds from them (``kube.render_predictor_pod``, the rendering the
+KServe and Karmada checks read too). ``make security`` and tests/test_security.py run
 exactly this.
 
 checkov's kubernetes framework checks core kinds only (Pod, Deployment, Service, ServiceAccount,
@@ -16,7 +17,7 @@ Accepted findings are skipped where they arise, with checkov's own syntax and a 
 in a workload's annotations (for the predictor pods: in the runtime's ``spec.annotations``, which
 KServe copies onto them, so a scanner of the live cluster reads the same). Anything else fails.
 
-    python -m scripts.security_scan        # exit 1 on a finding that is not accepted
+    python -m scripts.manifests.security        # exit 1 on a finding that is not accepted
 
 checkov runs from its own virtual environment (``.venv-tools``, installed by ``make``), never the
 project's: its many pinned dependencies would move ours. It is told not to reach its platform or
@@ -26,7 +27,6 @@ PyPI (``--skip-download``, BC_SKIP_MAPPING, CKV_SKIP_PACKAGE_UPDATE_CHECK).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -39,34 +39,12 @@ from typing import Any
 
 import yaml
 
-from scripts.validate_manifests import DEFAULT_PATHS, REPO_ROOT, Manifest, load_manifests
+from scripts.manifests.core import DEFAULT_PATHS, REPO_ROOT, Manifest, load_manifests
+from scripts.manifests.kube import INFERENCE_SERVICE, render_predictor_pod, runtime_of
 
-KSERVE_GROUP = "serving.kserve.io"
-CONTAINER_NAME = "kserve-container"
 # Scanned for secrets as well as by their own framework: the image and the server configs.
 SECRET_SCAN_FILES = ("Dockerfile", "config/config.properties", "config/kserve/config.properties")
 RENDERED_SUFFIX = ".predictor-pod.yaml"
-
-# The fields of KServe's ModelSpec that are the container's (the rest says which model to load).
-_CONTAINER_FIELDS = {
-    "args", "command", "env", "envFrom", "image", "imagePullPolicy", "lifecycle", "livenessProbe", "name",
-    "ports", "readinessProbe", "resizePolicy", "resources", "restartPolicy", "restartPolicyRules",
-    "securityContext", "startupProbe", "stdin", "stdinOnce", "terminationMessagePath",
-    "terminationMessagePolicy", "tty", "volumeDevices", "volumeMounts", "workingDir",
-}
-# The fields of the predictor (and of a runtime's spec) that are the pod's.
-_POD_FIELDS = {
-    "activeDeadlineSeconds", "affinity", "automountServiceAccountToken", "dnsConfig", "dnsPolicy",
-    "enableServiceLinks", "hostAliases", "hostIPC", "hostNetwork", "hostPID", "hostUsers", "hostname",
-    "imagePullSecrets", "initContainers", "nodeName", "nodeSelector", "os", "overhead", "preemptionPolicy",
-    "priority", "priorityClassName", "readinessGates", "resourceClaims", "runtimeClassName", "schedulerName",
-    "schedulingGates", "securityContext", "serviceAccountName", "setHostnameAsFQDN", "shareProcessNamespace",
-    "subdomain", "terminationGracePeriodSeconds", "tolerations", "topologySpreadConstraints", "volumes",
-}
-# Lists that Kubernetes' strategic merge merges item by item, by this key (others are replaced).
-_MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumeMounts": "mountPath",
-               "volumes": "name", "ports": "containerPort", "imagePullSecrets": "name"}
-
 
 class ScanError(RuntimeError):
     """checkov is missing or did not produce a report."""
@@ -101,73 +79,13 @@ class Scan:
 # -- rendering the predictor pods ----------------------------------------------------------
 
 
-def strategic_merge(base: Any, override: Any, key: str | None = None) -> Any:
-    """``override`` over ``base`` as Kubernetes' strategic merge does it for pods: maps merged
-    key by key, the lists in ``_MERGE_KEYS`` item by item, anything else replaced."""
-    if isinstance(base, dict) and isinstance(override, dict):
-        merged = copy.deepcopy(base)
-        for k, value in override.items():
-            merged[k] = strategic_merge(base[k], value, k) if k in base else copy.deepcopy(value)
-        return merged
-    if isinstance(base, list) and isinstance(override, list) and key in _MERGE_KEYS:
-        merge_key = _MERGE_KEYS[key]
-        merged = copy.deepcopy(base)
-        for item in override:
-            at = next((i for i, existing in enumerate(merged) if isinstance(existing, dict) and isinstance(item, dict)
-                       and existing.get(merge_key) == item.get(merge_key)), None)
-            if at is None:
-                merged.append(copy.deepcopy(item))
-            else:
-                merged[at] = strategic_merge(merged[at], item)
-        return merged
-    return copy.deepcopy(override)
-
-
-def _find_runtime(manifests: list[Manifest], name: str, namespace: str | None) -> Manifest | None:
-    for kind in ("ServingRuntime", "ClusterServingRuntime"):
-        for m in manifests:
-            if m.group == KSERVE_GROUP and m.kind == kind and m.name == name and \
-                    (kind == "ClusterServingRuntime" or m.namespace == namespace):
-                return m
-    return None
-
-
-def render_predictor_pod(isvc: dict[str, Any], runtime: dict[str, Any]) -> dict[str, Any]:
-    """The predictor pod KServe builds from an InferenceService (``spec.predictor.model``) and its
-    serving runtime, as far as our manifests decide it."""
-    meta = isvc.get("metadata") or {}
-    predictor = (isvc.get("spec") or {}).get("predictor") or {}
-    runtime_spec = runtime.get("spec") or {}
-    model = predictor.get("model") or {}
-    model_container = {k: v for k, v in model.items() if k in _CONTAINER_FIELDS}
-    model_container["name"] = CONTAINER_NAME
-
-    runtime_pod = {k: v for k, v in runtime_spec.items() if k in _POD_FIELDS}
-    runtime_pod["containers"] = runtime_spec.get("containers") or []
-    predictor_pod = {k: v for k, v in predictor.items() if k in _POD_FIELDS}
-    predictor_pod["containers"] = [model_container, *(predictor.get("containers") or [])]
-    spec = strategic_merge(runtime_pod, predictor_pod)
-
-    labels = {**(meta.get("labels") or {}), **(runtime_spec.get("labels") or {}), **(predictor.get("labels") or {}),
-              "serving.kserve.io/inferenceservice": meta.get("name"), "component": "predictor"}
-    annotations = {**(runtime_spec.get("annotations") or {}), **(predictor.get("annotations") or {})}
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": f"{meta.get('name')}-predictor", "namespace": meta.get("namespace"),
-                     "labels": labels, "annotations": annotations},
-        "spec": spec,
-    }
-
-
 def render_predictor_pods(manifests: list[Manifest]) -> list[tuple[Manifest, dict[str, Any]]]:
     """Every InferenceService with a known runtime, and its predictor pod."""
     pods = []
     for isvc in manifests:
-        if isvc.group != KSERVE_GROUP or isvc.kind != "InferenceService":
+        if (isvc.api_version, isvc.kind) != INFERENCE_SERVICE:
             continue
-        runtime_name = isvc.get("spec", "predictor", "model", "runtime")
-        runtime = _find_runtime(manifests, str(runtime_name), isvc.namespace) if runtime_name else None
+        runtime = runtime_of(manifests, isvc)
         if runtime is not None:
             pods.append((isvc, render_predictor_pod(isvc.doc, runtime.doc)))
     return pods
@@ -180,7 +98,7 @@ def write_rendered_pods(manifests: list[Manifest], folder: Path, repo_root: Path
     for isvc, pod in render_predictor_pods(manifests):
         source = _relative(isvc.path, repo_root)
         path = folder / (source.replace("/", "__").removesuffix(".yaml") + f"-{isvc.index}{RENDERED_SUFFIX}")
-        header = f"# Rendered by scripts/security_scan.py from {source} and its serving runtime.\n"
+        header = f"# Rendered by scripts/manifests/security.py from {source} and its serving runtime.\n"
         path.write_text(header + yaml.safe_dump(pod, sort_keys=False), encoding="utf-8")
         written[path.resolve()] = source
     return written
@@ -263,7 +181,7 @@ def unexplained(accepted: Iterable[Result]) -> list[Result]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", type=Path, default=list(DEFAULT_PATHS),
-                        help="manifest files or folders (default: kserve/ and karmada/)")
+                        help="manifest files or folders (default: kserve/, karmada/ and jobs/deploy/)")
     args = parser.parse_args(argv)
     try:
         result = scan(args.paths)
@@ -276,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = unexplained(result.accepted)
     for r in bad:
         print(f"[accepted without a reason] {r}")
-    print(f"checkov {result.checkov_version}: {len(result.passed)} passed, {len(result.failed)} failed, {len(result.accepted)} accepted "
+    print(f"checkov {result.checkov_version}: {len(result.passed)} passed, {len(result.failed)} failed, "
+          f"{len(result.accepted)} accepted "
           f"({result.resource_count} resources)", file=sys.stderr)
     return 1 if result.failed or bad else 0
 

@@ -29,6 +29,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.ui import WebDriverWait
 
+from tests.harness.jobs import JobService, Postgres, jobs_config
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 SCREENSHOTS = Path(__file__).parent / "screenshots"
@@ -398,8 +400,6 @@ def test_progress_survives_an_api_restart(page, jobs_service, jobs_postgres, job
     """A second API process over the same database (a replica; the session's worker does the work):
     killed while the page watches a job, then started again on the same port. The page says it is
     reconnecting, reconnects on its own and shows the video."""
-    from tests.harness.jobs import JobService, jobs_config
-
     # The worker writes videos to its service's results folder: the replica reads the same one,
     # as replicas share a volume or a bucket.
     replica = JobService(tmp_path, jobs_postgres, jobs_config(jobs_torchserve), separate_worker=True,
@@ -438,8 +438,6 @@ def test_a_failure_shows_the_servers_message(page, jobs_torchserve, tmp_path):
     """A model whose rules allow more than its data plane does (as in tests/test_jobs.py): the page
     accepts the size, the job starts, TorchServe refuses it, and the card shows the server's reason.
     A service of its own (own PostgreSQL): the session's worker must not take this model's jobs."""
-    from tests.harness.jobs import JobService, Postgres, jobs_config
-
     database = Postgres(tmp_path / "pg")
     database.start()
     config = jobs_config(jobs_torchserve)

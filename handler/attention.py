@@ -105,7 +105,7 @@ def _forward(query, key, value, scale, kernel=None):
     """(out, lse): out (B, S, H, D) like the inputs, lse (B, S, H) as diffusers' ring merge wants."""
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    out, lse = (kernel or _flash4_op())(query, key, value, scale)
+    out, lse = (kernel or _kernel_override or _flash4_op())(query, key, value, scale)
     return out, lse.permute(0, 2, 1)
 
 
@@ -138,10 +138,17 @@ def flash4_attention(query, key, value, attn_mask=None, scale=None, is_causal=Fa
     return (out, lse) if return_lse else out
 
 
-@functools.cache
-def register_flash4(kernel=None) -> None:
+_registered = False
+# Tests put a reference kernel with FA4's calling convention here (the real one needs a GPU).
+_kernel_override = None
+
+
+def register_flash4() -> None:
     """Put ``flash4_attention`` (with context-parallel support) in diffusers' registry under
-    ``flash_4_hub``. ``kernel`` replaces the FA4 op (tests run the same wiring on the CPU)."""
+    ``flash_4_hub``, once."""
+    global _registered
+    if _registered:
+        return
     from diffusers.models.attention_dispatch import (
         AttentionBackendName,
         _AttentionBackendRegistry,
@@ -149,9 +156,8 @@ def register_flash4(kernel=None) -> None:
         _check_shape,
     )
 
-    function = functools.partial(flash4_attention, kernel=kernel) if kernel else flash4_attention
-    function = functools.update_wrapper(function, flash4_attention)  # keeps the signature diffusers reads
     _AttentionBackendRegistry.register(
         AttentionBackendName.FLASH_4_HUB, constraints=[_check_qkv_dtype_bf16_or_fp16, _check_shape],
         supports_context_parallel=True,
-    )(function)
+    )(flash4_attention)
+    _registered = True

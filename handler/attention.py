@@ -72,6 +72,8 @@ def apply_backend(model: torch.nn.Module, backend: str) -> None:
     from diffusers.models.attention_dispatch import AttentionBackendName
 
     register_flash4()
+    if _kernel_override is None:
+        _flash4_op()  # define the custom op now, not while dynamo traces the first compiled call
     # Not model.set_attention_backend: for this enum member it checks for (and would download)
     # the Hub kernel. Setting the processors' field is all it does otherwise.
     for module in model.modules():

@@ -81,9 +81,16 @@ def apply_backend(model: torch.nn.Module, backend: str) -> None:
             module.processor._attention_backend = AttentionBackendName.FLASH_4_HUB
 
 
-@functools.cache
+_FLASH4_OP = None
+
+
 def _flash4_op():
-    """FA4 forward as a custom op: opaque to dynamo, with a fake for shape inference."""
+    """FA4 forward as a custom op: opaque to dynamo, with a fake for shape inference. Made once,
+    eagerly (apply_backend): dynamo must never trace its creation (measured: compiling a block
+    that created it failed in ``infer_schema``), so traced code reads the module global only."""
+    global _FLASH4_OP
+    if _FLASH4_OP is not None:
+        return _FLASH4_OP
     flash_attn_func, reason = _import_flash4()
     if flash_attn_func is None:
         raise RuntimeError(reason)
@@ -100,6 +107,7 @@ def _flash4_op():
         return (query.new_empty((*query.shape[:-1], value.shape[-1])),
                 query.new_empty((batch, heads, seq), dtype=torch.float32))
 
+    _FLASH4_OP = flash4_forward
     return flash4_forward
 
 
@@ -107,7 +115,7 @@ def _forward(query, key, value, scale, kernel=None):
     """(out, lse): out (B, S, H, D) like the inputs, lse (B, S, H) as diffusers' ring merge wants."""
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    out, lse = (kernel or _kernel_override or _flash4_op())(query, key, value, scale)
+    out, lse = (kernel or _kernel_override or _FLASH4_OP or _flash4_op())(query, key, value, scale)
     return out, lse.permute(0, 2, 1)
 
 

@@ -62,7 +62,8 @@ class VideoEncoding:
 _X264_PARAMS = re.compile(r"[a-z0-9-]+=[\w.,-]+(:[a-z0-9-]+=[\w.,-]+)*")
 
 
-ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3", "sage")
+# auto: FlashAttention 4 on Hopper where installed, else native (handler/attention.py).
+ATTENTION_BACKENDS = ("auto", "flash4", "native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3", "sage")
 EXPERT_PLACEMENTS = ("auto", "gpu", "swap")
 VAE_DTYPES = ("float32", "bfloat16")
 

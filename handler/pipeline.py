@@ -29,6 +29,7 @@ from diffusers import WanImageToVideoPipeline, WanPipeline
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
+from handler import attention
 from handler.config import SpeedOptions
 from handler.errors import Cancelled, DeadlineExceeded, InvalidRequest, ModelLoadError
 from handler.parallel import CfgSplitHook, RankGroup
@@ -140,8 +141,9 @@ def _apply_speed_options(pipe, speed: SpeedOptions, device: torch.device,
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = speed.tf32
         torch.backends.cudnn.allow_tf32 = speed.tf32 or torch.backends.cudnn.allow_tf32
+        backend = attention.resolve_backend(speed.attention_backend, device)
         for expert in experts:
-            expert.set_attention_backend(speed.attention_backend)
+            attention.apply_backend(expert, backend)
     splits_sequence = group is not None and group.layout.ulysses_degree > 1
     if speed.compile and device.type == "cuda" and splits_sequence:
         # diffusers' sequence-split hook on the first block reads the block's signature, which

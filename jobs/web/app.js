@@ -303,6 +303,7 @@ const PRESET_FIELDS = {
   negative_prompt: ["negative_prompt", "negative prompt"],
   width: ["size", "size"],
   height: ["size", "size"],
+  lora: [null, "LoRA"], // no control: the page sends no lora of its own
 };
 const ASSUMED_LOCKED = ["num_inference_steps", "guidance_scale", "guidance_scale_2"];
 
@@ -322,14 +323,14 @@ function applyProfile() {
   fillDurations(values.num_frames);
   const locked = profile ? profile.locked ?? ASSUMED_LOCKED : [];
   const controls = new Set(locked.map((field) => PRESET_FIELDS[field]?.[0]).filter(Boolean));
-  for (const [control] of Object.values(PRESET_FIELDS)) $(control).disabled = controls.has(control);
+  for (const [control] of Object.values(PRESET_FIELDS)) if (control) $(control).disabled = controls.has(control);
   for (const id of ["width", "height"]) $(id).disabled = controls.has("size");
   const hint = [];
   if (locked.length) {
     const words = [...new Set(locked.map((field) => PRESET_FIELDS[field]?.[1] || field))];
     hint.push(`The preset sets its own ${words.join(", ").replace(/, ([^,]*)$/, " and $1")}.`);
   }
-  if (profile && profile.lora.length) hint.push(`It adds ${profile.lora.map((l) => l.name).join(", ")}.`);
+  if (profile && profile.lora.length) hint.push(`It uses the LoRA ${profile.lora.map((l) => l.name).join(", ")}.`);
   if (profile && profile.lossy.length) hint.push(`Faster, at some cost in quality (${profile.lossy.join(", ").replaceAll("_", " ")}).`);
   $("profile-hint").textContent = hint.join(" ");
 }

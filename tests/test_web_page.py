@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from PIL import Image
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
@@ -29,7 +30,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.harness.jobs import JobService, Postgres, jobs_config
+from scripts.serve import REPO_ROOT, free_ports
+from tests.harness.jobs import JobService, Postgres, jobs_config, own_job_service
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -471,6 +473,111 @@ def test_a_failure_shows_the_servers_message(page, jobs_torchserve, tmp_path):
     finally:
         service.stop()
         database.stop()
+
+
+# Small request rules for the A14B pair (no weights: no job of theirs runs). The text-only model's
+# limits stop at 832 px, so of its native sizes only 832x480 and its portrait form are offered;
+# each model's defaults differ from the others' so that a refill shows.
+T2V_RULES = {"defaults": {"width": 832, "height": 480, "num_frames": 17, "fps": 16, "num_inference_steps": 6,
+                          "guidance_scale": 4.5, "guidance_scale_2": 2.5, "negative_prompt": "blurry"},
+             "limits": {"max_side_px": 832, "max_pixels": 832 * 480, "max_num_frames": 33,
+                        "max_inference_steps": 12}}
+I2V_RULES = {"defaults": {"num_frames": 21, "fps": 16, "num_inference_steps": 8, "guidance_scale": 3.5,
+                          "guidance_scale_2": 3.0, "negative_prompt": "static"},
+             "limits": {"max_num_frames": 33, "max_inference_steps": 12}}
+
+
+def options_of(page, css: str) -> list[tuple[str, str]]:
+    return [(o.get_attribute("value"), o.text) for o in Select(page.find(css)).options]
+
+
+def advanced_values(page) -> dict[str, str]:
+    return {field: page.find(f"#{field}").get_attribute("value")
+            for field in ("negative_prompt", "num_inference_steps", "fps", "guidance_scale", "guidance_scale_2",
+                          "duration")}
+
+
+def test_each_model_takes_what_it_accepts(page, tmp_path):
+    """A job service fronting three models (config/jobs.yaml's model entries): the tiny TI2V one
+    (text, image optional), a T2V-A14B (text only) and an I2V-A14B (image required). Their
+    endpoints are a closed port: nothing here runs a job. The form follows the chosen model: the
+    image picker, the size presets (native sizes and their portrait forms, within its limits) and
+    the advanced defaults."""
+    [closed] = free_ports(1)  # nothing listens there
+    endpoints = [{"name": "nowhere", "url": f"http://127.0.0.1:{closed}", "cooldown_s": 1}]
+    models = []
+    for name, variant, rules in (("wan", "ti2v-5b", None), ("t2v", "t2v-a14b", T2V_RULES),
+                                 ("i2v", "i2v-a14b", I2V_RULES)):
+        model_config = REPO_ROOT / "config" / "models" / "tiny-ti2v.yaml"
+        if rules:
+            model_config = tmp_path / f"{name}.yaml"
+            model_config.write_text(yaml.safe_dump({"handler": rules}))
+        models.append({"name": name, "variant": variant, "model_config": str(model_config), "endpoints": endpoints})
+    with own_job_service(tmp_path / "service", {"models": models}) as service:
+        user = Api(service.url, service.new_key("chooser")["key"])
+        page.base_url = service.url
+        page.open()
+        page.sign_in(user.key)
+        assert options_of(page, "#model") == [
+            ("wan", "wan (text, image optional)"), ("t2v", "t2v (text)"), ("i2v", "i2v (text + image)")]
+        assert page.find("#image-label").text == "Image (optional)"
+        # The tiny model's limits (640 px) leave none of its native 1280x704 sizes.
+        assert options_of(page, "#size") == [("", "256×256 (default)"), ("custom", "Custom size…")]
+        page.open_advanced()
+        assert not page.visible("#guidance_scale_2")  # one expert
+
+        # Text only: no image picker at all; an image chosen for another model is dropped.
+        picture = tmp_path / "still.png"
+        Image.new("RGB", (64, 96), (30, 90, 160)).save(picture)
+        page.find("#image").send_keys(str(picture))
+        page.wait(lambda: page.visible("#image-preview"), message="the image preview")
+        page.set_value("#num_inference_steps", "3")
+        Select(page.find("#model")).select_by_value("t2v")
+        assert page.find("#model-info").text == "Text only."
+        assert not page.visible("#image-field") and not page.find("#image").is_displayed()
+        assert page.find("#image-name").text == "" and not page.find("#image-preview").is_displayed()
+        assert options_of(page, "#size") == [
+            ("", "832×480 (default)"), ("480x832", "480×832 portrait"), ("custom", "Custom size…")]
+        assert advanced_values(page) == {"negative_prompt": "blurry", "num_inference_steps": "6", "fps": "16",
+                                         "guidance_scale": "4.5", "guidance_scale_2": "2.5", "duration": "17"}
+        assert page.find("#guidance_scale-label").text == "Guidance, high-noise expert"
+        assert page.visible("#guidance_scale_2")
+        assert page.find("#width").get_attribute("max") == "832"
+        page.screenshot("text-only")
+
+        # Image required: the picker says so, and a submission without one stops at the field.
+        page.set_value("#num_inference_steps", "11")
+        Select(page.find("#model")).select_by_value("i2v")
+        assert page.find("#model-info").text == "Text and an image to start from (required)."
+        assert page.visible("#image-field") and page.find("#image-label").text == "Image (required)"
+        assert options_of(page, "#size") == [
+            ("", "1280×720 (default)"), ("720x1280", "720×1280 portrait"), ("832x480", "832×480 landscape"),
+            ("480x832", "480×832 portrait"), ("custom", "Custom size…")]
+        assert advanced_values(page) == {"negative_prompt": "static", "num_inference_steps": "8", "fps": "16",
+                                         "guidance_scale": "3.5", "guidance_scale_2": "3", "duration": "21"}
+        page.set_value("#prompt", unique("the still lake ripples"))
+        page.find("#submit").click()
+        assert page.error_next_to("image") == "i2v makes a video from an image: choose one."
+        assert page.driver.switch_to.active_element == page.find("#image")
+        page.screenshot("image-required")
+        assert page.cards() == [] and page.visible("#videos-empty")
+        assert user.videos() == [], "nothing is queued"
+        # Choosing one clears the message.
+        page.find("#image").send_keys(str(picture))
+        page.wait(lambda: page.visible("#image-preview"), message="the image preview")
+        assert page.error_next_to("image") == ""
+
+        # Changed settings come back with the model's defaults.
+        page.set_value("#num_inference_steps", "2")
+        page.set_value("#guidance_scale_2", "7")
+        page.find("#reset-defaults").click()
+        assert advanced_values(page)["num_inference_steps"] == "8"
+        assert advanced_values(page)["guidance_scale_2"] == "3"  # as the page writes 3.0
+        Select(page.find("#model")).select_by_value("wan")
+        assert page.find("#image-label").text == "Image (optional)"
+        assert page.find("#num_inference_steps").get_attribute("value") == "4"  # tiny-ti2v.yaml's
+        assert not page.visible("#guidance_scale_2")
+        assert user.videos() == []
 
 
 def test_history_after_reload_reuse_and_delete(page, jobs_service):

@@ -164,9 +164,19 @@ function normalizeModel(raw) {
       }
     }
   }
-  let profiles = raw.profiles || [];
-  if (!Array.isArray(profiles)) profiles = Object.keys(profiles);
-  profiles = profiles.map((p) => (typeof p === "string" ? { name: p } : p)).filter((p) => p && p.name);
+  // GET /v1/models lists profiles as {name: {defaults, lora, scheduler, lossy, locked}}; a list of
+  // names (or of {name, ...}) is read too. locked null: not told, so the page assumes steps and guidance.
+  const rawProfiles = raw.profiles || [];
+  const entries = Array.isArray(rawProfiles)
+    ? rawProfiles.map((p) => (typeof p === "string" ? [p, {}] : [p && p.name, p || {}]))
+    : Object.entries(rawProfiles).map(([name, p]) => [name, p || {}]);
+  const profiles = entries.filter(([name]) => name).map(([name, p]) => ({
+    name,
+    defaults: p.defaults || {},
+    locked: Array.isArray(p.locked) ? p.locked : null,
+    lossy: p.lossy || [],
+    lora: p.lora || [],
+  }));
   return {
     id: raw.id,
     imageInput: raw.image_input || "rejected",
@@ -258,7 +268,6 @@ function setDefaults(model = currentModel()) {
   $("seed").value = "";
   $("profile").value = "";
   applyProfile();
-  fillDurations(d.num_frames);
 }
 
 const formatNumber = (n, digits = 2) => String(Number(Number(n).toFixed(digits)));
@@ -284,13 +293,46 @@ function fillDurations(selectedFrames) {
   $("duration-hint").textContent = `At ${fps} frames per second.`;
 }
 
+// The request fields a speed preset may set that the form shows, with their controls and words.
+const PRESET_FIELDS = {
+  num_inference_steps: ["num_inference_steps", "steps"],
+  guidance_scale: ["guidance_scale", "guidance"],
+  guidance_scale_2: ["guidance_scale_2", "guidance"],
+  fps: ["fps", "frames per second"],
+  num_frames: ["duration", "duration"],
+  negative_prompt: ["negative_prompt", "negative prompt"],
+  width: ["size", "size"],
+  height: ["size", "size"],
+  lora: [null, "LoRA"], // no control: the page sends no lora of its own
+};
+const ASSUMED_LOCKED = ["num_inference_steps", "guidance_scale", "guidance_scale_2"];
+
+function currentProfile(model = currentModel()) {
+  return model.profiles.find((p) => p.name === $("profile").value) || null;
+}
+
+// Applies the chosen speed preset: the form shows the values the job will use (the model's
+// defaults under the preset's own), and the fields the preset fixes are disabled and not sent
+// (the server refuses a locked field given with its preset).
 function applyProfile() {
-  // A speed preset sets its own steps and guidance; the form does not send them then.
-  const preset = $("profile").value;
-  $("profile-hint").textContent = preset ? "The preset sets its own steps and guidance." : "";
-  for (const id of ["num_inference_steps", "guidance_scale", "guidance_scale_2"]) {
-    $(id).disabled = Boolean(preset);
+  const model = currentModel();
+  const profile = currentProfile(model);
+  const values = { ...model.defaults, ...(profile ? profile.defaults : {}) };
+  for (const id of ["negative_prompt", "num_inference_steps", "fps", "guidance_scale"]) $(id).value = values[id] ?? "";
+  if (!$("guidance_scale_2-field").hidden) $("guidance_scale_2").value = values.guidance_scale_2 ?? "";
+  fillDurations(values.num_frames);
+  const locked = profile ? profile.locked ?? ASSUMED_LOCKED : [];
+  const controls = new Set(locked.map((field) => PRESET_FIELDS[field]?.[0]).filter(Boolean));
+  for (const [control] of Object.values(PRESET_FIELDS)) if (control) $(control).disabled = controls.has(control);
+  for (const id of ["width", "height"]) $(id).disabled = controls.has("size");
+  const hint = [];
+  if (locked.length) {
+    const words = [...new Set(locked.map((field) => PRESET_FIELDS[field]?.[1] || field))];
+    hint.push(`The preset sets its own ${words.join(", ").replace(/, ([^,]*)$/, " and $1")}.`);
   }
+  if (profile && profile.lora.length) hint.push(`It uses the LoRA ${profile.lora.map((l) => l.name).join(", ")}.`);
+  if (profile && profile.lossy.length) hint.push(`Faster, at some cost in quality (${profile.lossy.join(", ").replaceAll("_", " ")}).`);
+  $("profile-hint").textContent = hint.join(" ");
 }
 
 function onSizeChange() {
@@ -422,7 +464,7 @@ function validate(only) {
   if (want("image") && model.imageInput === "required" && !state.image) {
     errors.image = `${model.id} makes a video from an image: choose one.`;
   }
-  if ($("size").value === "custom") {
+  if ($("size").value === "custom" && !$("size").disabled) {
     const high = limits.max_side_px;
     for (const side of ["width", "height"]) {
       if (!want(side)) continue;
@@ -439,21 +481,21 @@ function validate(only) {
       errors.width = `Width × height is ${pixels} pixels, over the ${limits.max_pixels} limit.`;
     }
   }
-  if (!$("profile").value) {
-    if (want("num_inference_steps")) {
-      const message = checkInteger($("num_inference_steps").value, "Steps", 1, limits.max_inference_steps);
-      if (message) errors.num_inference_steps = message;
-    }
-    if (want("guidance_scale")) {
-      const message = checkNumber($("guidance_scale").value, "Guidance", limits.max_guidance_scale);
-      if (message) errors.guidance_scale = message;
-    }
-    if (want("guidance_scale_2") && !$("guidance_scale_2-field").hidden) {
-      const message = checkNumber($("guidance_scale_2").value, "Guidance", limits.max_guidance_scale);
-      if (message) errors.guidance_scale_2 = message;
-    }
+  // A field a speed preset fixes is disabled: not checked, not sent.
+  const open = (field) => want(field) && !$(field).disabled;
+  if (open("num_inference_steps")) {
+    const message = checkInteger($("num_inference_steps").value, "Steps", 1, limits.max_inference_steps);
+    if (message) errors.num_inference_steps = message;
   }
-  if (want("fps")) {
+  if (open("guidance_scale")) {
+    const message = checkNumber($("guidance_scale").value, "Guidance", limits.max_guidance_scale);
+    if (message) errors.guidance_scale = message;
+  }
+  if (open("guidance_scale_2") && !$("guidance_scale_2-field").hidden) {
+    const message = checkNumber($("guidance_scale_2").value, "Guidance", limits.max_guidance_scale);
+    if (message) errors.guidance_scale_2 = message;
+  }
+  if (open("fps")) {
     const message = checkInteger($("fps").value, "Frames per second", 1, limits.max_fps);
     if (message) errors.fps = message;
   }
@@ -477,22 +519,21 @@ async function buildBody() {
   const model = currentModel();
   const body = { model: model.id, prompt: $("prompt").value };
   const size = $("size").value;
-  if (size === "custom") {
+  const open = (id) => !$(id).disabled; // disabled: fixed by the speed preset, not sent
+  if (size === "custom" && open("size")) {
     body.width = Number($("width").value);
     body.height = Number($("height").value);
-  } else if (size) {
+  } else if (size && open("size")) {
     body.size = size;
   }
-  body.num_frames = Number($("duration").value);
-  body.fps = Number($("fps").value);
-  body.negative_prompt = $("negative_prompt").value;
-  const profile = $("profile").value;
-  if (profile) {
-    body.profile = profile;
-  } else {
-    body.num_inference_steps = Number($("num_inference_steps").value);
-    body.guidance_scale = Number($("guidance_scale").value);
-    if (!$("guidance_scale_2-field").hidden) body.guidance_scale_2 = Number($("guidance_scale_2").value);
+  if ($("profile").value) body.profile = $("profile").value;
+  if (open("duration")) body.num_frames = Number($("duration").value);
+  if (open("fps")) body.fps = Number($("fps").value);
+  if (open("negative_prompt")) body.negative_prompt = $("negative_prompt").value;
+  if (open("num_inference_steps")) body.num_inference_steps = Number($("num_inference_steps").value);
+  if (open("guidance_scale")) body.guidance_scale = Number($("guidance_scale").value);
+  if (open("guidance_scale_2") && !$("guidance_scale_2-field").hidden) {
+    body.guidance_scale_2 = Number($("guidance_scale_2").value);
   }
   const seed = $("seed").value.trim();
   if (seed) body.seed = seed; // digits; toJson sends them as a number

@@ -255,6 +255,13 @@ class HandlerConfig:
     def defaults_for(self, variant_defaults: GenerationDefaults) -> GenerationDefaults:
         return self.rules.defaults_for(variant_defaults)
 
+    @property
+    def fast(self):
+        """What the loaded pipeline needs of the fast modes (adapter paths are relative to the checkpoint)."""
+        from handler.adapters import FastOptions  # torch: only where a pipeline is loaded
+
+        return FastOptions(lora=self.lora, root=self.model_path, step_cache=self.step_cache, fp8=self.fp8)
+
 
 def _typed_section(cls, section: Any, where: str):
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""

@@ -6,6 +6,7 @@ about quality."""
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,8 +220,9 @@ def test_the_step_cache_changes_frames_and_says_lossy_and_off_is_exactly_the_exa
 def test_fp8_is_refused_on_a_cpu_worker(tmp_path):
     with pytest.raises(ConfigError, match="handler.fp8"):
         load_handler_config({"handler": {"model_path": "/m", "fp8": True}}, tmp_path)
-    from handler.adapters import quantize_fp8
     import torch
+
+    from handler.adapters import quantize_fp8
 
     with pytest.raises(ModelLoadError, match="handler.fp8"):
         quantize_fp8([torch.nn.Linear(2, 2)], torch.device("cpu"))
@@ -229,7 +231,7 @@ def test_fp8_is_refused_on_a_cpu_worker(tmp_path):
 def test_the_shipped_tiny_config_names_tiny_lora_and_lightning():
     from handler.config import load_request_rules
 
-    rules = load_request_rules(yaml.safe_load(open("config/models/tiny-ti2v.yaml")))
+    rules = load_request_rules(yaml.safe_load(Path("config/models/tiny-ti2v.yaml").read_text()))
     assert "tiny-lora" in rules.lora.adapters
     assert [c.name for c in rules.profiles["lightning"].lora] == ["tiny-lora"]
 

@@ -239,3 +239,12 @@ def test_the_shipped_tiny_config_names_tiny_lora_and_lightning():
 def test_the_mp4_still_decodes_with_an_adapter(ti2v):
     body = answer(ti2v, {"profile": "lightning"})
     assert base64.b64decode(body["video"]["base64"])[4:8] == b"ftyp"
+
+
+def test_the_client_sends_profile_and_adapters():
+    from scripts.client import lora_choice
+
+    assert lora_choice("tiny-lora") == {"name": "tiny-lora"}
+    assert lora_choice("tiny-lora-b:0.5") == {"name": "tiny-lora-b", "scale": 0.5}
+    with pytest.raises(SystemExit, match="scale"):
+        lora_choice("tiny-lora:big")

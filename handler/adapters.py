@@ -74,7 +74,8 @@ class Adapters:
             for adapter in options.adapters.values():
                 self._load(adapter.name, adapter.name)
             for model in self.experts.values():
-                model.disable_lora()
+                if getattr(model, "peft_config", None):
+                    model.disable_lora()
 
     # -- loading --------------------------------------------------------------------------
 
@@ -143,7 +144,10 @@ class Adapters:
             self._swap(choices)
         else:
             for model in self.experts.values():
-                present = [c for c in choices if c.name in (getattr(model, "peft_config", None) or {})]
+                loaded = getattr(model, "peft_config", None) or {}
+                if not loaded:
+                    continue  # no allowed adapter has a file for this expert
+                present = [c for c in choices if c.name in loaded]
                 if present:
                     model.enable_lora()
                     model.set_adapters([c.name for c in present], [c.scale for c in present])

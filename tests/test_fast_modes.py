@@ -248,3 +248,15 @@ def test_the_client_sends_profile_and_adapters():
     assert lora_choice("tiny-lora-b:0.5") == {"name": "tiny-lora-b", "scale": 0.5}
     with pytest.raises(SystemExit, match="scale"):
         lora_choice("tiny-lora:big")
+
+
+def test_an_adapter_for_the_high_noise_expert_only_leaves_the_other_alone(tiny_checkpoints, services):
+    layout = "t2v-a14b"
+    high_only = {"tiny-lora": {"path": lora_files(layout)["tiny-lora"]["path"]}}
+    service = WanService.from_model_config({"maxWorkers": 1, "handler": {
+        "model_path": str(tiny_checkpoints[layout]), "defaults": dict(SMALL), "lora": {"adapters": high_only}}},
+        tiny_checkpoints[layout].parent)
+    assert not getattr(service.pipeline.text_pipe.transformer_2, "peft_config", None)
+    base = frames(services[layout], {})
+    assert not np.array_equal(frames(service, {"lora": [{"name": "tiny-lora"}]}), base)
+    assert np.array_equal(frames(service, {}), base)

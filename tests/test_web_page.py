@@ -580,6 +580,53 @@ def test_each_model_takes_what_it_accepts(page, tmp_path):
         assert user.videos() == []
 
 
+def test_a_speed_preset_fills_the_form_and_is_sent(page, jobs_service):
+    """The tiny model's profiles (config/models/tiny-ti2v.yaml): "lightning" sets 4 steps and
+    guidance 1 with a LoRA and locks the guidance; "cached" switches on a lossy step cache. The
+    form shows what a preset sets, keeps what it locks out of reach (and out of the request: the
+    server refuses a locked field), and the video records the preset."""
+    user = new_user(jobs_service, "hurried")
+    page.sign_in(user.key)
+    assert page.visible("#profile-field")
+    assert options_of(page, "#profile") == [
+        ("", "None: the settings below"), ("lightning", "lightning"), ("cached", "cached")]
+    page.open_advanced()
+    default_guidance = page.find("#guidance_scale").get_attribute("value")
+
+    Select(page.find("#profile")).select_by_value("cached")
+    assert page.find("#profile-hint").text == "Faster, at some cost in quality (step cache)."
+    assert page.find("#guidance_scale").is_enabled() and page.find("#num_inference_steps").is_enabled()
+
+    Select(page.find("#profile")).select_by_value("lightning")
+    assert page.find("#profile-hint").text == "The preset sets its own guidance. It uses the LoRA tiny-lora."
+    guidance = page.find("#guidance_scale")
+    assert guidance.get_attribute("value") == "1" and not guidance.is_enabled()
+    steps = page.find("#num_inference_steps")
+    assert steps.get_attribute("value") == "4" and steps.is_enabled()
+    page.set_value("#num_inference_steps", "3")  # not locked: still the person's to change
+    page.screenshot("lightning")
+    prompt = unique("a quick sketch of a bird")
+    page.set_value("#prompt", prompt)
+    page.find("#submit").click()
+    card = page.card_for(prompt)
+    page.wait_for_status(card, "Ready")
+    video = user.get(card.get_attribute("data-id"))
+    assert video["status"] == "completed", video
+    assert video["parameters"]["profile"] == "lightning", video["parameters"]
+    assert video["parameters"]["num_inference_steps"] == 3, video["parameters"]
+    assert "guidance_scale" not in video["parameters"] or video["parameters"]["guidance_scale"] == 1.0
+    assert "preset lightning" in page.find(".params", card).text
+
+    # No preset: the model's own values, every field open again.
+    Select(page.find("#profile")).select_by_value("")
+    assert page.find("#profile-hint").text == ""
+    assert guidance.is_enabled() and guidance.get_attribute("value") == default_guidance
+    # The video's settings again: the preset with them.
+    page.find("button.reuse", card).click()
+    assert Select(page.find("#profile")).first_selected_option.get_attribute("value") == "lightning"
+    assert not guidance.is_enabled() and steps.get_attribute("value") == "3"
+
+
 def test_history_after_reload_reuse_and_delete(page, jobs_service):
     user = new_user(jobs_service, "returning")
     done = user.create(prompt=unique("a hot air balloon over hills"), seed=1234567890123456789)

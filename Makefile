@@ -18,7 +18,16 @@ PYTRITON_VERSION := 0.7.0
 KSERVE_VERSION := 0.21.0
 TRITON_STAMP := $(TRITON)/.installed-pytriton-$(PYTRITON_VERSION)-kserve-$(KSERVE_VERSION)
 
-.PHONY: serve stop status serve-triton stop-triton test tools security tiny-models archive bench-cpu clean
+.PHONY: serve stop status serve-triton stop-triton test tools security tiny-models archive bench-cpu clean \
+	browser page-screenshot
+
+# The web page's browser tests drive Debian's Chromium through Debian's chromedriver
+# (tests/test_web_page.py) and Debian's Firefox ESR over its own WebDriver BiDi (tests/test_web_firefox.py;
+# Debian has no geckodriver): nothing is downloaded at test time. Firefox plays H.264 with the system's
+# libavcodec (libavcodec-extra follows Debian's current soname). A CJK font shows the official (Chinese)
+# negative prompt in the screenshots. apt runs only when a package is missing (CI runs as root).
+BROWSER_PACKAGES := chromium chromium-driver firefox-esr libavcodec-extra fonts-wqy-microhei
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -57,8 +66,19 @@ stop:
 status: $(STAMP)
 	$(PY) -m scripts.serve status
 
-test: $(STAMP) $(TOOLS_STAMP) $(TRITON_STAMP)
+test: $(STAMP) $(TOOLS_STAMP) $(TRITON_STAMP) browser
 	$(PY) -m pytest
+
+browser:
+	@dpkg -s $(BROWSER_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES); }
+
+# docs/page.png, the README's picture of the web page: the browser scenario that makes a video,
+# against a live job service on the tiny model, takes it; this copies it into place.
+page-screenshot: $(STAMP) browser
+	$(PY) -m pytest tests/test_web_page.py -q -k make_a_video_and_watch_it
+	mkdir -p docs
+	cp tests/screenshots/make_a_video_and_watch_it-desktop.png docs/page.png
 
 tools: $(TOOLS_STAMP)
 

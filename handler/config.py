@@ -62,7 +62,8 @@ class VideoEncoding:
 _X264_PARAMS = re.compile(r"[a-z0-9-]+=[\w.,-]+(:[a-z0-9-]+=[\w.,-]+)*")
 
 
-ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3", "sage")
+# auto: FlashAttention 4 on Hopper where installed, else native (handler/attention.py).
+ATTENTION_BACKENDS = ("auto", "flash4", "native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3", "sage")
 EXPERT_PLACEMENTS = ("auto", "gpu", "swap")
 VAE_DTYPES = ("float32", "bfloat16")
 
@@ -115,6 +116,83 @@ class ParallelOptions:
             raise ConfigError("handler.parallel.collective_timeout_s must be above 0")
 
 
+SCHEDULERS = ("unipc", "euler")
+# What a profile may switch on that changes the computation (listed in the response's "lossy").
+PROFILE_LOSSY = ("step_cache",)
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """One adapter at one scale: what a request, a profile or the fused list names."""
+
+    name: str
+    scale: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "scale": self.scale}
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """One allowed adapter (diffusers/PEFT or original Wan key layout, safetensors). ``path`` goes
+    into ``transformer`` (TI2V-5B's only one; the A14B high-noise expert), ``path_2`` into
+    ``transformer_2`` (the A14B low-noise expert; ``load_into_transformer_2``): Wan2.2-Lightning
+    ships one file per expert. Relative paths are relative to the checkpoint folder."""
+
+    name: str
+    path: str | None = None
+    path_2: str | None = None
+    # A request may ask for a scale in (0, max_scale].
+    max_scale: float = 2.0
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """handler.lora: the allow-list, what is fused at load, and how adapters change per request."""
+
+    adapters: Mapping[str, LoraAdapter] = field(default_factory=dict)
+    # Fused into the weights at load (no per-request cost, cannot be switched off).
+    fuse: tuple[LoraChoice, ...] = ()
+    # Adapters one request may combine (its own plus its profile's).
+    max_per_request: int = 2
+    # Swap adapter weights in place (diffusers' enable_lora_hotswap) instead of switching among
+    # adapters loaded side by side: the compiled transformer's graph never changes (README).
+    hotswap: bool = False
+
+
+@dataclass(frozen=True)
+class StepCache:
+    """handler.step_cache: diffusers' FirstBlockCache, off unless a profile switches it on. A
+    step whose first block's output changed less than ``threshold`` (relative) reuses the rest
+    of the last step's residual. Lossy: listed in the response's "lossy"."""
+
+    threshold: float = 0.05
+
+    def __post_init__(self):
+        if not 0 < self.threshold:
+            raise ConfigError("handler.step_cache.threshold must be above 0")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named speed preset (handler.profiles.NAME) a request picks with "profile"."""
+
+    name: str
+    # Overrides of the defaults (GenerationDefaults names, flow_shift included); a request's own
+    # fields still win, except the ones in ``locked``.
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    lora: tuple[LoraChoice, ...] = ()
+    scheduler: str | None = None  # None: the checkpoint's (UniPC)
+    lossy: tuple[str, ...] = ()  # PROFILE_LOSSY
+    # Request fields this profile fixes (a distilled LoRA is only right at its own steps and
+    # guidance): giving one with the profile is a 400.
+    locked: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"defaults": {k: v for k, v in self.defaults.items()}, "lora": [c.to_json() for c in self.lora],
+                "scheduler": self.scheduler, "lossy": list(self.lossy), "locked": list(self.locked)}
+
+
 @dataclass(frozen=True)
 class RequestRules:
     """What one model accepts per request: its limits and its overrides of the variant's
@@ -124,6 +202,9 @@ class RequestRules:
     limits: RequestLimits = field(default_factory=RequestLimits)
     # Overrides of the variant's defaults table, by GenerationDefaults field name.
     default_overrides: Mapping[str, Any] = field(default_factory=dict)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    profiles: Mapping[str, Profile] = field(default_factory=dict)
+    step_cache: StepCache | None = None
 
     def defaults_for(self, variant_defaults: GenerationDefaults) -> GenerationDefaults:
         return dataclasses.replace(variant_defaults, **self.default_overrides)
@@ -153,6 +234,11 @@ class HandlerConfig:
     model_path: Path
     default_overrides: Mapping[str, Any] = field(default_factory=dict, metadata={_YAML_KEY: "defaults"})
     limits: RequestLimits = field(default_factory=RequestLimits)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    profiles: Mapping[str, Profile] = field(default_factory=dict)
+    step_cache: StepCache | None = None
+    # FP8 matmuls (torchao) in the transformer(s): GPU only, lossy, for every request.
+    fp8: bool = False
     video: VideoEncoding = field(default_factory=VideoEncoding)
     speed: SpeedOptions = field(default_factory=SpeedOptions)
     parallel: ParallelOptions = field(default_factory=ParallelOptions)
@@ -165,10 +251,17 @@ class HandlerConfig:
 
     @property
     def rules(self) -> RequestRules:
-        return RequestRules(self.limits, self.default_overrides)
+        return RequestRules(self.limits, self.default_overrides, self.lora, self.profiles, self.step_cache)
 
     def defaults_for(self, variant_defaults: GenerationDefaults) -> GenerationDefaults:
         return self.rules.defaults_for(variant_defaults)
+
+    @property
+    def fast(self):
+        """What the loaded pipeline needs of the fast modes (adapter paths are relative to the checkpoint)."""
+        from handler.adapters import FastOptions  # torch: only where a pipeline is loaded
+
+        return FastOptions(lora=self.lora, root=self.model_path, step_cache=self.step_cache, fp8=self.fp8)
 
 
 def _typed_section(cls, section: Any, where: str):
@@ -238,21 +331,125 @@ def _handler_section(model_yaml: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return section
 
 
+def _default_overrides(overrides: Any, where: str) -> dict[str, Any]:
+    overrides = overrides or {}
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"{where} must be a mapping")
+    checked = {}
+    for key, value in overrides.items():
+        if key not in DEFAULT_KEYS:
+            raise ConfigError(f"unknown key {where}.{key}; known: {', '.join(sorted(DEFAULT_KEYS))}")
+        checked[key] = _check_type(value, DEFAULT_KEYS[key], f"{where}.{key}")
+    return checked
+
+
+def _mapping(value: Any, where: str, known: tuple[str, ...]) -> Mapping[str, Any]:
+    value = value or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping")
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key {where}.{unknown[0]}; known: {', '.join(known)}")
+    return value
+
+
+def _choices(value: Any, where: str, adapters: Mapping[str, LoraAdapter]) -> tuple[LoraChoice, ...]:
+    """A config's list of {name, scale}: names from the allow-list, scales within it."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be a list of {{name, scale}}")
+    choices = []
+    for i, item in enumerate(value):
+        item = _mapping(item, f"{where}[{i}]", ("name", "scale"))
+        name = _check_type(item.get("name"), str, f"{where}[{i}].name")
+        if name not in adapters:
+            raise ConfigError(f"{where}[{i}].name {name!r} is not in handler.lora.adapters")
+        scale = _check_type(item.get("scale", 1.0), float, f"{where}[{i}].scale")
+        if not 0 < scale <= adapters[name].max_scale:
+            raise ConfigError(f"{where}[{i}].scale must be in (0, {adapters[name].max_scale:g}]")
+        choices.append(LoraChoice(name, scale))
+    if len({c.name for c in choices}) != len(choices):
+        raise ConfigError(f"{where} names an adapter twice")
+    return tuple(choices)
+
+
+def _lora_options(section: Any) -> LoraOptions:
+    section = _mapping(section, "handler.lora", ("adapters", "fuse", "max_per_request", "hotswap"))
+    adapters = {}
+    listed = section.get("adapters") or {}
+    if not isinstance(listed, Mapping):
+        raise ConfigError("handler.lora.adapters must be a mapping of name: {path, path_2, max_scale}")
+    for name, entry in listed.items():
+        where = f"handler.lora.adapters.{name}"
+        entry = _mapping(entry, where, ("path", "path_2", "max_scale"))
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+            raise ConfigError(f"{where}: adapter names are 1-64 letters, digits, '_', '.', '-'")
+        paths = {key: _check_type(entry[key], str, f"{where}.{key}") for key in ("path", "path_2") if key in entry}
+        if not paths:
+            raise ConfigError(f"{where} needs path (transformer) and/or path_2 (transformer_2)")
+        max_scale = _check_type(entry.get("max_scale", 2.0), float, f"{where}.max_scale")
+        if not max_scale > 0:
+            raise ConfigError(f"{where}.max_scale must be above 0")
+        adapters[name] = LoraAdapter(name=name, max_scale=max_scale, **paths)
+    max_per_request = _check_type(section.get("max_per_request", 2), int, "handler.lora.max_per_request")
+    if max_per_request < 1:
+        raise ConfigError("handler.lora.max_per_request must be at least 1")
+    return LoraOptions(adapters=adapters, fuse=_choices(section.get("fuse"), "handler.lora.fuse", adapters),
+                       max_per_request=max_per_request,
+                       hotswap=_check_type(section.get("hotswap", False), bool, "handler.lora.hotswap"))
+
+
+_PROFILE_KEYS = ("defaults", "lora", "scheduler", "lossy", "locked")
+
+
+def _profiles(section: Any, lora: LoraOptions, step_cache: StepCache | None) -> dict[str, Profile]:
+    section = section or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError("handler.profiles must be a mapping of name: profile")
+    profiles = {}
+    for name, entry in section.items():
+        where = f"handler.profiles.{name}"
+        entry = _mapping(entry, where, _PROFILE_KEYS)
+        scheduler = entry.get("scheduler")
+        if scheduler is not None and scheduler not in SCHEDULERS:
+            raise ConfigError(f"{where}.scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+        lossy = tuple(entry.get("lossy") or ())
+        for item in lossy:
+            if item not in PROFILE_LOSSY:
+                raise ConfigError(f"{where}.lossy: {item!r} is not one of {', '.join(PROFILE_LOSSY)}")
+        if "step_cache" in lossy and step_cache is None:
+            raise ConfigError(f"{where}.lossy names step_cache, which needs handler.step_cache")
+        locked = tuple(entry.get("locked") or ())
+        for item in locked:
+            if item not in REQUEST_KEYS:
+                raise ConfigError(f"{where}.locked: {item!r} is not a request field")
+        choices = _choices(entry.get("lora"), f"{where}.lora", lora.adapters)
+        if len(choices) > lora.max_per_request:
+            raise ConfigError(f"{where}.lora holds more than handler.lora.max_per_request adapters")
+        profiles[name] = Profile(name=str(name), defaults=_default_overrides(entry.get("defaults"), f"{where}.defaults"),
+                                 lora=choices, scheduler=scheduler, lossy=lossy, locked=locked)
+    return profiles
+
+
+# Request fields a profile may lock (kept here so the config needs no import of the request module).
+REQUEST_KEYS = ("negative_prompt", "width", "height", "num_frames", "fps", "num_inference_steps",
+                "guidance_scale", "guidance_scale_2", "lora")
+
+
 def load_request_rules(model_yaml: Mapping[str, Any] | None) -> RequestRules:
     """The request rules of a model-config.yaml (as loaded by yaml.safe_load): what the job
     service needs to check a job as the handler will. No torch, and the weights need not exist."""
     section = _handler_section(model_yaml)
-    overrides = section.get("defaults") or {}
-    if not isinstance(overrides, Mapping):
-        raise ConfigError("handler.defaults must be a mapping")
-    checked = {}
-    for key, value in overrides.items():
-        if key not in DEFAULT_KEYS:
-            raise ConfigError(f"unknown key handler.defaults.{key}; known: {', '.join(sorted(DEFAULT_KEYS))}")
-        checked[key] = _check_type(value, DEFAULT_KEYS[key], f"handler.defaults.{key}")
+    lora = _lora_options(section.get("lora"))
+    step_cache = (_typed_section(StepCache, section.get("step_cache"), "handler.step_cache")
+                  if section.get("step_cache") is not None else None)
     return RequestRules(
         limits=_typed_section(RequestLimits, section.get("limits"), "handler.limits"),
-        default_overrides=checked,
+        default_overrides=_default_overrides(section.get("defaults"), "handler.defaults"),
+        lora=lora,
+        profiles=_profiles(section.get("profiles"), lora, step_cache),
+        step_cache=step_cache,
     )
 
 
@@ -292,10 +489,19 @@ def load_handler_config(model_yaml: Mapping[str, Any] | None, model_dir: str | P
         if cpu_threads < 1:
             raise ConfigError("handler.cpu_threads must be at least 1")
 
+    fp8 = _check_type(section.get("fp8", False), bool, "handler.fp8")
+    if fp8 and _worker_settings(model_yaml).device_type != "gpu":
+        # torchao's float8 kernels need an H100-class GPU; a CPU worker would fail at the first matmul.
+        raise ConfigError("handler.fp8 needs deviceType: gpu (FP8 matmuls run on GPUs only)")
+
     return HandlerConfig(
         model_path=model_path.resolve(),
         default_overrides=rules.default_overrides,
         limits=rules.limits,
+        lora=rules.lora,
+        profiles=rules.profiles,
+        step_cache=rules.step_cache,
+        fp8=fp8,
         video=_typed_section(VideoEncoding, section.get("video"), "handler.video"),
         speed=_typed_section(SpeedOptions, section.get("speed"), "handler.speed"),
         parallel=_typed_section(ParallelOptions, section.get("parallel"), "handler.parallel"),

@@ -8,6 +8,7 @@ flow shift and the expert boundary explicitly (a converted checkpoint may carry 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -29,6 +30,8 @@ from diffusers import WanImageToVideoPipeline, WanPipeline
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
+from handler import attention
+from handler.adapters import FP8, STEP_CACHE, Adapters, FastOptions, StepCacheSwitch, quantize_fp8
 from handler.config import SpeedOptions
 from handler.errors import Cancelled, DeadlineExceeded, InvalidRequest, ModelLoadError
 from handler.parallel import CfgSplitHook, RankGroup
@@ -69,6 +72,16 @@ def pick_device(gpu_id: int | None) -> torch.device:
     if gpu_id is not None and torch.cuda.is_available():
         return torch.device("cuda", int(gpu_id))
     return torch.device("cpu")
+
+
+def _scheduler_for(base, name: str | None, shift: float):
+    """The request's sampler: the checkpoint's (UniPC) or flow-matching Euler (what
+    Wan2.2-Lightning samples with), at ``shift``."""
+    if name == "euler":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(base.config, shift=shift)
+    return _with_flow_shift(base, shift)
 
 
 def _with_flow_shift(scheduler, shift: float):
@@ -140,8 +153,9 @@ def _apply_speed_options(pipe, speed: SpeedOptions, device: torch.device,
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = speed.tf32
         torch.backends.cudnn.allow_tf32 = speed.tf32 or torch.backends.cudnn.allow_tf32
+        backend = attention.resolve_backend(speed.attention_backend, device)
         for expert in experts:
-            expert.set_attention_backend(speed.attention_backend)
+            attention.apply_backend(expert, backend)
     splits_sequence = group is not None and group.layout.ulysses_degree > 1
     if speed.compile and device.type == "cuda" and splits_sequence:
         # diffusers' sequence-split hook on the first block reads the block's signature, which
@@ -184,7 +198,7 @@ class WanVideoPipeline:
 
     def __init__(self, text_pipe: WanPipeline | WanImageToVideoPipeline, spec: VariantSpec,
                  defaults: GenerationDefaults, device: torch.device, speed: SpeedOptions | None = None,
-                 group: RankGroup | None = None):
+                 group: RankGroup | None = None, fast: FastOptions | None = None):
         self.spec = spec
         # What a request gets for every field it leaves out: the variant's, with the model's overrides.
         self.defaults = defaults
@@ -213,11 +227,43 @@ class WanVideoPipeline:
             pipe.scheduler = _with_flow_shift(pipe.scheduler, defaults.flow_shift)
             pipe.register_to_config(boundary_ratio=spec.boundary_ratio)
         self._check_size_multiple()
-        self.expert_swap, self.cfg_hooks = _apply_speed_options(text_pipe, speed or SpeedOptions(), device, group)
+        self.speed = speed or SpeedOptions()
+        self.fast = fast or FastOptions()
+        self.base_schedulers = {id(p): p.scheduler for p in (self.text_pipe, self.image_pipe) if p is not None}
+        experts = [m for m in (text_pipe.transformer, getattr(text_pipe, "transformer_2", None)) if m is not None]
+        # Before compilation: adapters and FP8 change the modules the compiled graph is made of.
+        self.adapters = Adapters(text_pipe, self.fast.lora, self.fast.root) if (
+            self.fast.lora.adapters or self.fast.lora.fuse) else None
+        if self.fast.fp8:
+            quantize_fp8(experts, device)
+        self.expert_swap, self.cfg_hooks = _apply_speed_options(text_pipe, self.speed, device, group)
+
+    def lossy(self, req: GenerationRequest) -> list[str]:
+        """The approximations that make this request's video (the response's "lossy")."""
+        modes = [FP8] if self.fast.fp8 else []
+        if self.speed.vae_dtype != "float32":
+            modes.append(f"vae_{self.speed.vae_dtype}")
+        return modes + [mode for mode in req.lossy if mode not in modes]
+
+    def _prepare(self, pipe, req: GenerationRequest):
+        """The request's adapters and sampler; the step cache when it asks for it (a context)."""
+        if self.adapters is not None:
+            self.adapters.apply(req.lora)
+        base = self.base_schedulers[id(pipe)]
+        wanted = (req.scheduler, req.flow_shift)
+        if wanted != (None, None) and wanted != (None, self.defaults.flow_shift):
+            pipe.scheduler = _scheduler_for(base, req.scheduler, req.flow_shift or self.defaults.flow_shift)
+        else:
+            pipe.scheduler = base
+        if STEP_CACHE in req.lossy and self.fast.step_cache is not None:
+            experts = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
+            return StepCacheSwitch(experts, self.fast.step_cache)
+        return contextlib.nullcontext()
 
     @classmethod
     def load(cls, model_path: str | Path, spec: VariantSpec, defaults: GenerationDefaults, device: torch.device,
-             speed: SpeedOptions | None = None, group: RankGroup | None = None) -> WanVideoPipeline:
+             speed: SpeedOptions | None = None, group: RankGroup | None = None,
+             fast: FastOptions | None = None) -> WanVideoPipeline:
         """Load a checkpoint folder of variant ``spec`` (``detect_variant``): bf16 on GPU, fp32 on
         CPU; the VAE in ``speed.vae_dtype``. ``defaults``: the model's (its flow shift is set).
 
@@ -244,7 +290,9 @@ class WanVideoPipeline:
             pipe.hf_device_map = None
         else:
             pipe.to(device)
-        return cls(pipe, spec, defaults, device, speed, group)
+        if fast is not None and fast.root == Path("."):
+            fast = dataclasses.replace(fast, root=Path(model_path))
+        return cls(pipe, spec, defaults, device, speed, group, fast)
 
     def warm_up(self, defaults: GenerationDefaults) -> float:
         """One short generation at the default size, touching every expert: compiles the
@@ -311,10 +359,13 @@ class WanVideoPipeline:
         started = time.perf_counter()
         pipe = self.image_pipe if req.image is not None else self.text_pipe
         if self.group is None:
-            latents, timings = self._denoise(pipe, req, on_step)
+            with self._prepare(pipe, req):
+                latents, timings = self._denoise(pipe, req, on_step)
         else:
             try:
-                latents, timings = self._denoise(pipe, req, on_step)
+                # Every rank applies the adapters and sampler the leader's decision carries.
+                with self._prepare(pipe, req):
+                    latents, timings = self._denoise(pipe, req, on_step)
             except STOPS:
                 raise  # agreed by every rank at the same step: they are in step again
             except Exception as exc:
@@ -339,8 +390,11 @@ class WanVideoPipeline:
         pipeline conditions one image), and so does everything on several ranks."""
         if self.group is not None or req.image is not None:
             return None
+        # The same adapters, sampler and approximations too: they are set on the pipeline for
+        # the whole batch (_prepare).
         return (req.width, req.height, req.num_frames, req.num_inference_steps, req.guidance_scale,
-                req.guidance_scale_2 if self.spec.two_experts else None)
+                req.guidance_scale_2 if self.spec.two_experts else None, req.lora, req.scheduler,
+                req.flow_shift, req.lossy)
 
     @torch.inference_mode()
     def generate_batch(self, reqs: list[GenerationRequest], on_steps: list[StepCallback],
@@ -356,7 +410,8 @@ class WanVideoPipeline:
             except STOPS as exc:
                 return [exc]
         started = time.perf_counter()
-        latents, timings, stops = self._denoise_batch(self.text_pipe, reqs, on_steps)
+        with self._prepare(self.text_pipe, reqs[0]):  # one batch_key: the same for every request
+            latents, timings, stops = self._denoise_batch(self.text_pipe, reqs, on_steps)
         outcomes: list[Generated | Exception] = []
         for index, stop in enumerate(stops):
             if stop is not None:

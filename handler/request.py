@@ -8,6 +8,7 @@ not 4k+1, is refused (diffusers would round it with only a log warning).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import secrets
@@ -18,7 +19,7 @@ from typing import Any
 
 from PIL import Image
 
-from handler.config import RequestLimits
+from handler.config import LoraChoice, Profile, RequestLimits, RequestRules
 from handler.errors import InvalidRequest, PayloadTooLarge
 from handler.images import S3Fetcher, decode_image
 from handler.variants import GenerationDefaults, ImageInput, VariantSpec
@@ -35,6 +36,10 @@ class OutputKind(str, Enum):
 # Field metadata: how a GenerationRequest field appears in parameters() (the echo in responses
 # and records): (name, value -> shown value), or None when it is not echoed.
 _ECHO = "echo"
+# Field metadata: False for what a profile or the model decides, never a JSON field of its own.
+_INPUT = "input"
+# What an echo function returns for a value not worth showing (no profile, no adapter).
+_HIDDEN = object()
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,16 @@ class GenerationRequest:
     output: OutputKind = field(metadata={_ECHO: ("output", lambda output: output.value)})
     # How the answer travels, not what is generated: not a parameter of the video.
     stream: bool = field(metadata={_ECHO: None})
+    # The speed preset picked (handler.profiles), and the adapters that run, the profile's first.
+    profile: str | None = field(default=None, metadata={_ECHO: ("profile", lambda p: _HIDDEN if p is None else p)})
+    lora: tuple[LoraChoice, ...] = field(
+        default=(), metadata={_ECHO: ("lora", lambda c: [x.to_json() for x in c] if c else _HIDDEN)})
+    # From the profile: the sampler and its flow shift (None: the model's), and the
+    # approximations it switches on (config.PROFILE_LOSSY).
+    scheduler: str | None = field(default=None, metadata={_INPUT: False, _ECHO: (
+        "scheduler", lambda s: _HIDDEN if s is None else s)})
+    flow_shift: float | None = field(default=None, metadata={_INPUT: False, _ECHO: None})
+    lossy: tuple[str, ...] = field(default=(), metadata={_INPUT: False, _ECHO: None})
 
     @property
     def duration_s(self) -> float:
@@ -68,7 +83,9 @@ class GenerationRequest:
             name, show = item.metadata.get(_ECHO, (item.name, None)) or (None, None)
             if name is not None:
                 value = getattr(self, item.name)
-                shown[name] = show(value) if show is not None else value
+                value = show(value) if show is not None else value
+                if value is not _HIDDEN:
+                    shown[name] = value
         return shown
 
     @classmethod
@@ -80,7 +97,7 @@ class GenerationRequest:
 
 
 # The request's JSON fields, in the order error messages list them.
-FIELDS: tuple[str, ...] = tuple(item.name for item in fields(GenerationRequest))
+FIELDS: tuple[str, ...] = tuple(item.name for item in fields(GenerationRequest) if item.metadata.get(_INPUT, True))
 
 
 def decode_body(body: Any, limits: RequestLimits) -> dict[str, Any]:
@@ -199,6 +216,54 @@ def _check_size(name: str, value: int, spec: VariantSpec) -> None:
         )
 
 
+def _profile(body: Mapping[str, Any], rules: RequestRules) -> Profile | None:
+    if "profile" not in body:
+        return None
+    name = body["profile"]
+    if not isinstance(name, str):
+        raise InvalidRequest(f"profile must be a string, got {show_value(name)}", "profile")
+    if name not in rules.profiles:
+        known = ", ".join(sorted(rules.profiles)) or "none: this model has no profiles"
+        raise InvalidRequest(f"profile {show_value(name)} is not one of this model's profiles ({known})", "profile")
+    profile = rules.profiles[name]
+    for locked in profile.locked:
+        if locked in body:
+            raise InvalidRequest(f"{locked} is fixed by profile {name!r}; leave it out or pick no profile", locked)
+    return profile
+
+
+def _lora(body: Mapping[str, Any], rules: RequestRules, profile: Profile | None) -> tuple[LoraChoice, ...]:
+    """The adapters that run: the profile's, then the request's, from the model's allow-list."""
+    chosen = list(profile.lora) if profile is not None else []
+    if "lora" not in body:
+        return tuple(chosen)
+    value, adapters, most = body["lora"], rules.lora.adapters, rules.lora.max_per_request
+    if not adapters:
+        raise InvalidRequest("lora: this model has no LoRA allow-list (handler.lora.adapters)", "lora")
+    if not isinstance(value, list):
+        raise InvalidRequest(f'lora must be a list of {{"name", "scale"}}, got {show_value(value)}', "lora")
+    if len(value) + len(chosen) > most:
+        extra = f" (its profile adds {len(chosen)})" if chosen else ""
+        raise InvalidRequest(f"lora: at most {most} adapters per request{extra}, got {len(value)}", "lora")
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) - {"name", "scale"}:
+            raise InvalidRequest(f'lora[{i}] must be an object with "name" and an optional "scale"', "lora")
+        name = item.get("name")
+        if not isinstance(name, str) or name not in adapters:
+            raise InvalidRequest(f"lora[{i}].name {show_value(name)} is not in this model's allow-list "
+                                 f"({', '.join(sorted(adapters))})", "lora")
+        scale = item.get("scale", 1.0)
+        high = adapters[name].max_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+                or not 0 < scale <= high:
+            raise InvalidRequest(f"lora[{i}].scale must be a number above 0 and at most {high:g}, "
+                                 f"got {show_value(scale)}", "lora")
+        if any(c.name == name for c in chosen):
+            raise InvalidRequest(f"lora[{i}].name {name!r} is named twice (or by the profile too)", "lora")
+        chosen.append(LoraChoice(name, float(scale)))
+    return tuple(chosen)
+
+
 def parse_request(
     body: Any,
     spec: VariantSpec,
@@ -207,12 +272,14 @@ def parse_request(
     storage_configured: bool,
     fetch_s3: S3Fetcher | None = None,
     patches_divisor: int = 1,
+    rules: RequestRules | None = None,
 ) -> GenerationRequest:
     """Validate a request body against the contract and the serving variant.
 
     ``storage_configured``: results can be uploaded (output ``url`` allowed and the default).
     ``fetch_s3``: reads ``s3://`` image inputs from allowed buckets; None refuses them.
     ``patches_divisor``: see ``_size_for_image`` (the size it picks; a size asked for is never changed).
+    ``rules``: the model's LoRA allow-list and profiles (None: it has neither).
     """
     body = decode_body(body, limits)
     unknown = sorted(set(body) - set(FIELDS))
@@ -222,6 +289,12 @@ def parse_request(
         raise InvalidRequest(f"unknown field(s): {shown}{more}; accepted fields: {', '.join(FIELDS)}", unknown[0])
     # JSON null means "not given" for every optional field (generated clients send nulls).
     body = {name: value for name, value in body.items() if value is not None}
+    rules = rules or RequestRules(limits=limits)
+    # A profile is a second layer of defaults: the request's own fields still win (unless locked).
+    profile = _profile(body, rules)
+    if profile is not None:
+        defaults = dataclasses.replace(defaults, **profile.defaults)
+    lora = _lora(body, rules, profile)
 
     prompt = _text(body, "prompt", None, limits.max_prompt_chars, required=True)
     # The limit is on what clients send; the server's own default (the official one) is exempt.
@@ -312,4 +385,7 @@ def parse_request(
         prompt=prompt, negative_prompt=negative_prompt, image=image, width=width, height=height,
         num_frames=num_frames, fps=fps, num_inference_steps=steps, guidance_scale=guidance_scale,
         guidance_scale_2=guidance_scale_2, seed=seed, output=output, stream=stream,
+        profile=profile.name if profile is not None else None, lora=lora,
+        scheduler=profile.scheduler if profile is not None else None,
+        flow_shift=defaults.flow_shift, lossy=profile.lossy if profile is not None else (),
     )

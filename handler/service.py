@@ -152,7 +152,7 @@ class WanService:
         started = time.perf_counter()
         spec = detect_variant(config.model_path)
         pipeline = WanVideoPipeline.load(config.model_path, spec, config.defaults_for(spec.defaults), device,
-                                         config.speed, group)
+                                         config.speed, group, fast=config.fast)
         load_s = time.perf_counter() - started
         log.info("loaded %s from %s on %s in %.1f s", pipeline.spec.name, config.model_path, device, load_s)
         storage_config = StorageConfig.from_env()
@@ -179,7 +179,8 @@ class WanService:
         request = parse_request(body, self.spec, self.defaults, self.config.limits, self.storage_configured,
                                 fetch_s3=self._fetch_s3 if reads_s3 else None,
                                 # The size chosen for an image must split over the sequence ranks.
-                                patches_divisor=group.layout.ulysses_degree if group else 1)
+                                patches_divisor=group.layout.ulysses_degree if group else 1,
+                                rules=self.config.rules)
         envelope.check_output(request)
         self.pipeline.check_prompt_length(request.prompt, "prompt")
         self.pipeline.check_prompt_length(request.negative_prompt, "negative_prompt")
@@ -349,6 +350,18 @@ class WanService:
         log.exception("request %s failed with an unexpected error", request_id)
         return InternalError(f"internal error; see the server log for request {request_id}")
 
+    def _fast_echo(self, request: GenerationRequest) -> dict[str, Any]:
+        """What made the video beyond its parameters: approximations (always listed, [] when
+        none), the profile and the adapters (when any; fused ones too, marked)."""
+        echo: dict[str, Any] = {"lossy": self.pipeline.lossy(request)}
+        parameters = request.parameters()
+        for name in ("profile", "lora"):
+            if name in parameters:
+                echo[name] = parameters[name]
+        if self.config.lora.fuse:
+            echo["lora_fused"] = [choice.to_json() for choice in self.config.lora.fuse]
+        return echo
+
     def _generate(self, request: GenerationRequest, request_id: str, on_step, started: float) -> GenerationResult:
         # The encoder takes the frames while the VAE decodes the rest (see pipeline._FrameStreamer).
         encoder = Mp4Encoder(request.fps, self.config.video)
@@ -382,6 +395,7 @@ class WanService:
         if request.output is OutputKind.URL:
             mark = time.perf_counter()
             record = {"parameters": request.parameters(), "variant": self.spec.name, "model": self.model,
+                      **self._fast_echo(request),
                       "code_version": self.code_version.to_json(),
                       "timings": {name: round(value, 4) for name, value in timings.items()}}
             try:
@@ -409,5 +423,6 @@ class WanService:
             "timings": {name: round(value, 4) for name, value in timings.items()},
             "warnings": warnings,
             "code_version": self.code_version.to_json(),
+            **self._fast_echo(request),
         }
         return GenerationResult(mp4=mp4, body=body, storage_fallback=request.output is OutputKind.URL and inline)

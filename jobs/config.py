@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from handler.config import RequestLimits, load_request_rules
+from handler.config import RequestLimits, RequestRules, load_request_rules
 from handler.errors import ConfigError
 from handler.variants import VARIANTS, GenerationDefaults, VariantSpec
 
@@ -77,6 +77,8 @@ class ModelEntry:
     defaults: GenerationDefaults
     limits: RequestLimits
     endpoints: tuple[Endpoint, ...]
+    # The handler's rules in full: its LoRA allow-list and profiles too (what parse_request checks).
+    rules: RequestRules = field(default_factory=RequestRules)
 
     @property
     def capacity(self) -> int:
@@ -97,6 +99,10 @@ class ModelEntry:
             "native_sizes": [f"{w}x{h}" for w, h in self.spec.native_sizes],
             "defaults": defaults,
             "limits": {f.name: getattr(self.limits, f.name) for f in fields(self.limits)},
+            # What a job may pick by name: the speed presets and the adapters of the allow-list.
+            "profiles": {name: profile.to_json() for name, profile in self.rules.profiles.items()},
+            "lora": [{"name": a.name, "max_scale": a.max_scale} for a in self.rules.lora.adapters.values()],
+            "max_lora_per_request": self.rules.lora.max_per_request if self.rules.lora.adapters else 0,
         }
 
 
@@ -230,6 +236,7 @@ def _model(raw: Any, where: str, base: Path) -> ModelEntry:
         defaults=rules.defaults_for(spec.defaults),
         limits=rules.limits,
         endpoints=tuple(sorted(parsed, key=lambda e: e.priority)),
+        rules=rules,
     )
 
 

@@ -68,6 +68,12 @@ class JobSpec:
 def from_form_text(name: str, text: str) -> Any:
     """A multipart field's text read by the field's type: "64" is 64 for width, "true" is true."""
     kind = FIELD_TYPES.get(name, str)
+    if name == "lora":
+        # A list of {"name", "scale"}: JSON text in a form field.
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise InvalidRequest('lora must be a JSON list of {"name", "scale"}', name) from None
     if kind is bool:
         if text.lower() in ("true", "1"):
             return True
@@ -181,6 +187,7 @@ def validate_job(body: dict[str, Any], settings: Settings) -> JobSpec:
     try:
         parsed = handler_request.parse_request(
             body, model.spec, model.defaults, model.limits, storage_configured=False, fetch_s3=None,
+            rules=model.rules,
         )
     except WanError as e:
         error = PayloadTooLarge if e.http_status == 413 else InvalidRequest

@@ -37,6 +37,13 @@ log = logging.getLogger(__name__)
 
 WEBHOOK_QUEUE = "webhooks"
 SLOT_POLL_S = 0.5
+# A worker writes its heartbeat (procrastinate's) at most this often, and the stalled-job check
+# runs at most this often; both are kept well under JOBS_STALLED_AFTER_S (heartbeat_interval,
+# stalled_check_interval). Just before a write a live worker's heartbeat is a whole interval old
+# (older on a busy database): with the interval equal to the threshold (5 s and 5 s in the tests)
+# the check took up a live worker's running job again, which then ran twice, and procrastinate
+# refused the first run's end ("not in doing status").
+HEARTBEAT_S = 5.0
 STALLED_CHECK_S = 10.0
 # How long a finished job's record is retried against a database that went away (a restart).
 DB_RETRY_S = 120.0
@@ -301,6 +308,14 @@ def register_tasks(app: procrastinate.App) -> dict[str, Runner]:
     return runner_ref
 
 
+def heartbeat_interval(settings: Settings) -> float:
+    return min(HEARTBEAT_S, settings.stalled_after_s / 4)
+
+
+def stalled_check_interval(settings: Settings) -> float:
+    return min(STALLED_CHECK_S, settings.stalled_after_s / 2)
+
+
 async def recover_stalled(app: procrastinate.App, settings: Settings) -> None:
     """Take up again the jobs of workers whose heartbeat stopped (killed, lost their node)."""
     while True:
@@ -310,7 +325,7 @@ async def recover_stalled(app: procrastinate.App, settings: Settings) -> None:
                 await app.job_manager.retry_job(job)
         except Exception as e:  # noqa: BLE001 - a database restart; try again at the next round
             log.warning("stalled-job check failed: %s", e)
-        await asyncio.sleep(STALLED_CHECK_S)
+        await asyncio.sleep(stalled_check_interval(settings))
 
 
 async def work(settings: Settings, database_url: str, app: procrastinate.App, store: Store,
@@ -321,13 +336,13 @@ async def work(settings: Settings, database_url: str, app: procrastinate.App, st
         runner_ref["runner"] = Runner(settings, store, Queue(app), EndpointSlots(store.pool), metrics, client)
         workers = [
             app.run_worker_async(queues=[queue_name(m.name)], concurrency=m.capacity, name=f"videos-{m.name}",
-                                 install_signal_handlers=False, update_heartbeat_interval=5.0,
+                                 install_signal_handlers=False, update_heartbeat_interval=heartbeat_interval(settings),
                                  stalled_worker_timeout=settings.stalled_after_s, abort_job_polling_interval=1.0,
                                  fetch_job_polling_interval=2.0)
             for m in settings.models
         ]
         workers.append(app.run_worker_async(queues=[WEBHOOK_QUEUE], concurrency=4, name="webhooks",
-                                            install_signal_handlers=False, update_heartbeat_interval=5.0,
+                                            install_signal_handlers=False, update_heartbeat_interval=heartbeat_interval(settings),
                                             stalled_worker_timeout=settings.stalled_after_s))
         workers.append(recover_stalled(app, settings))
         tasks = [asyncio.ensure_future(w) for w in workers]

@@ -29,8 +29,16 @@ from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel  # noqa: E402
 
 LAYOUTS = ("t2v-a14b", "i2v-a14b", "ti2v-5b")
 TEXT_DIM = 32
-# Written last: a folder without it is a half-built checkpoint and gets rebuilt.
-COMPLETE_MARKER = ".tiny-model-complete"
+# Written last: a folder without it is a half-built checkpoint and gets rebuilt. (Renamed when
+# the folder gained lora/: older builds lack the adapters and are rebuilt.)
+COMPLETE_MARKER = ".tiny-model-complete-2"
+# The tiny adapters in <checkpoint>/lora/: (name, seed, key layout). "diffusers" is the PEFT
+# layout diffusers saves (transformer.blocks.N.attn1.to_q.lora_A.weight); "wan" is the original
+# Wan layout that Wan2.2-Lightning ships (diffusion_model.blocks.N.self_attn.q.lora_A.weight),
+# which diffusers converts on load. Two-expert layouts get one file per expert (NAME-high,
+# NAME-low), as Lightning does.
+TINY_LORAS = (("tiny-lora", 10, "diffusers"), ("tiny-lora-b", 20, "wan"))
+LORA_RANK = 4
 
 _WORDS = (
     "a an the of in on at with and or to from over under into through across above below "
@@ -114,6 +122,51 @@ def build_pipeline(layout: str):
     raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
 
 
+# Linear layers of one Wan block, diffusers name -> original Wan name.
+_BLOCK_LINEARS = {
+    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+}
+
+
+def lora_state_dict(transformer: WanTransformer3DModel, seed: int, layout: str) -> dict[str, torch.Tensor]:
+    """A random rank-LORA_RANK adapter for every linear layer of every block, in ``layout``'s keys.
+    lora_B is not zero (a trained adapter's is not): the adapter changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for index, block in enumerate(transformer.blocks):
+        for name, wan_name in _BLOCK_LINEARS.items():
+            linear = block.get_submodule(name)
+            a = torch.randn(LORA_RANK, linear.in_features, generator=generator) * 0.5
+            b = torch.randn(linear.out_features, LORA_RANK, generator=generator) * 0.5
+            prefix = f"transformer.blocks.{index}.{name}" if layout == "diffusers" else \
+                f"diffusion_model.blocks.{index}.{wan_name}"
+            state[f"{prefix}.lora_A.weight"] = a.contiguous()
+            state[f"{prefix}.lora_B.weight"] = b.contiguous()
+    return state
+
+
+def lora_files(layout: str) -> dict[str, dict[str, str]]:
+    """Adapter name -> {"path": ..., "path_2": ...} relative to the checkpoint folder."""
+    if layout == "ti2v-5b":
+        return {name: {"path": f"lora/{name}.safetensors"} for name, _, _ in TINY_LORAS}
+    return {name: {"path": f"lora/{name}-high.safetensors", "path_2": f"lora/{name}-low.safetensors"}
+            for name, _, _ in TINY_LORAS}
+
+
+def write_tiny_loras(pipe, layout: str, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    (folder / "lora").mkdir(exist_ok=True)
+    for name, seed, key_layout in TINY_LORAS:
+        files = lora_files(layout)[name]
+        save_file(lora_state_dict(pipe.transformer, seed, key_layout), folder / files["path"])
+        if "path_2" in files:
+            # Another seed: each expert gets its own adapter, so a test can tell them apart.
+            save_file(lora_state_dict(pipe.transformer_2, seed + 1, key_layout), folder / files["path_2"])
+
+
 def is_built(out_dir: str | Path) -> bool:
     return (Path(out_dir) / COMPLETE_MARKER).is_file()
 
@@ -126,7 +179,9 @@ def build_tiny_checkpoint(layout: str, out_dir: str | Path, force: bool = False)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        build_pipeline(layout).save_pretrained(staging, safe_serialization=True)
+        pipe = build_pipeline(layout)
+        pipe.save_pretrained(staging, safe_serialization=True)
+        write_tiny_loras(pipe, layout, staging)
         # save_pretrained may write 0600 files; a server running as another user must read them.
         for path in staging.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)

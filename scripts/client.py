@@ -151,6 +151,17 @@ def progress_bar(event: dict[str, Any], width: int = 30) -> None:
     sys.stderr.flush()
 
 
+def lora_choice(text: str) -> dict[str, Any]:
+    """--lora NAME or NAME:SCALE as the request's {"name", "scale"} (the server checks both)."""
+    name, _, scale = text.partition(":")
+    if not scale:
+        return {"name": name}
+    try:
+        return {"name": name, "scale": float(scale)}
+    except ValueError:
+        raise SystemExit(f"error: --lora {text!r}: the scale after ':' must be a number") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate a video with the Wan2.2 server.")
     parser.add_argument("--prompt", required=True)
@@ -160,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--guidance-scale", type=float)
     parser.add_argument("--guidance-scale-2", type=float)
+    parser.add_argument("--profile", help="a speed preset of the model (e.g. lightning)")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
+                        help="an adapter from the model's allow-list; repeat for several")
     parser.add_argument("--output", choices=("inline", "url"), help="server default when omitted")
     parser.add_argument("--no-stream", action="store_true", help="do not show progress")
     parser.add_argument("--out", help="save the MP4 here (for URL results: download it); "
@@ -172,8 +186,10 @@ def main(argv: list[str] | None = None) -> None:
     fields = {"negative_prompt": args.negative_prompt, "width": args.width, "height": args.height,
               "num_frames": args.num_frames, "fps": args.fps, "num_inference_steps": args.steps,
               "seed": args.seed, "guidance_scale": args.guidance_scale,
-              "guidance_scale_2": args.guidance_scale_2, "output": args.output}
+              "guidance_scale_2": args.guidance_scale_2, "output": args.output, "profile": args.profile}
     request.update({key: value for key, value in fields.items() if value is not None})
+    if args.lora:
+        request["lora"] = [lora_choice(text) for text in args.lora]
     if args.image:
         request["image"] = image_data_url(args.image)
 
@@ -184,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     except ServerError as e:
         raise SystemExit(f"error: {e}") from None
     info = {key: result.response.get(key) for key in ("request_id", "variant", "width", "height",
-                                                       "num_frames", "fps", "seed", "timings", "warnings")}
+                                                       "num_frames", "fps", "seed", "timings", "warnings",
+                                                       "lossy", "profile", "lora") if key in result.response}
     video = result.response.get("video", {})
     if "url" in video:
         info.update(url=video["url"], s3_uri=video["s3_uri"])

@@ -4,6 +4,7 @@ frames they get alone; other shapes are split off, a bad request is refused alon
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -55,6 +56,9 @@ def test_other_shapes_and_images_are_never_batched(services):
     for change in ({"width": 96}, {"num_frames": 13}, {"num_inference_steps": 3}, {"guidance_scale": 2.0}):
         assert key(_request(service, **change)) != key(base), change
     assert key(_request(service, image=png_base64(128, 128))) is None
+    # What a profile or the adapters set on the pipeline is one value for the whole batch.
+    for change in ({"scheduler": "euler"}, {"flow_shift": 3.0}, {"lossy": ("step_cache",)}):
+        assert key(dataclasses.replace(base, **change)) != key(base), change
 
 
 def test_handle_batch_splits_mixed_shapes_and_refuses_a_bad_one_alone(services):

@@ -128,6 +128,11 @@ BAD_BODIES = [
     ({"prompt": "x", "output": "mp4"}, "output"),
     ({"prompt": "x", "webhook_url": "http://169.254.169.254/latest"}, "webhook_url"),
     ({"prompt": "x", "webhook_url": "ftp://example.com/x"}, "webhook_url"),
+    # Fast modes (issue 14): the handler's own profile and allow-list rules, at submission.
+    ({"prompt": "x", "profile": "turbo"}, "profile"),
+    ({"prompt": "x", "lora": [{"name": "nope"}]}, "lora"),
+    ({"prompt": "x", "lora": [{"name": "tiny-lora", "scale": 9}]}, "lora"),
+    ({"prompt": "x", "profile": "lightning", "guidance_scale": 3.0}, "guidance_scale"),
 ]
 
 
@@ -383,6 +388,15 @@ def test_models_health_and_metrics(jobs_service, alice):
         wan = next(m for m in models if m["id"] == "wan")
         assert wan["image_input"] == "optional" and wan["defaults"]["width"] == 256 and wan["size_multiple"] == 32
         assert wan["limits"]["max_side_px"] == 640
+        # What the model offers by name, from its model-config.yaml (handler.config's loader).
+        assert wan["profiles"]["lightning"]["lora"] == [{"name": "tiny-lora", "scale": 1.0}]
+        assert {a["name"] for a in wan["lora"]} == {"tiny-lora", "tiny-lora-b"}
+        # A job with a profile and an adapter goes through to the data plane, which applies them.
+        job = client.post("/v1/videos", json={"prompt": "fast", "profile": "lightning", "size": "64x64",
+                                              "num_frames": 5, "lora": [{"name": "tiny-lora-b", "scale": 0.5}]})
+        assert job.status_code == 200, job.text
+        done = jobs_service.wait_done(client, job.json()["id"])
+        assert done["status"] == "completed", done
     assert httpx.get(f"{jobs_service.url}/healthz", trust_env=False).status_code == 200
     assert httpx.get(f"{jobs_service.url}/readyz", trust_env=False).json()["status"] == "ready"
     text = httpx.get(f"{jobs_service.url}/metrics", trust_env=False).text

@@ -114,3 +114,21 @@ def test_postgres_restarted_mid_job(fault_service):
         # New work is accepted and done after the restart.
         [later] = _submit(client, 1, TINY_JOB)
         assert fault_service.wait_done(client, later, 60)["status"] == "completed"
+
+
+def test_a_live_workers_long_job_is_not_taken_up_again(tmp_path, jobs_torchserve):
+    """No fault: a job that runs past JOBS_STALLED_AFTER_S on a live worker keeps its
+    one attempt. (With the heartbeat written as seldom as the threshold, the stalled-job check saw
+    a live worker as stopped and took its running job up again.)"""
+    with own_job_service(tmp_path, jobs_config(jobs_torchserve), separate_worker=True,
+                         env={"JOBS_STALLED_AFTER_S": "3"}) as service, \
+            service.client(service.new_key("patient")) as client:
+        # Some 5 s of the tiny model on a loaded 2-core machine: past the threshold, the heartbeat
+        # rewritten several times meanwhile.
+        [video_id] = _submit(client, 1, dict(SLOW_JOB, num_frames=65))
+        video = service.wait_done(client, video_id, 180)
+        assert video["status"] == "completed", video
+        assert [a["outcome"] for a in video["attempts"]] == ["completed"], video["attempts"]
+        worker_log = (service.root / "worker.log").read_text()
+        assert "taking up job" not in worker_log, worker_log[-2000:]
+        assert "Task exception was never retrieved" not in worker_log, worker_log[-2000:]

@@ -370,13 +370,16 @@ def test_kserve_v2_protocol_wraps_the_answer_in_the_open_inference_protocol(kser
     body = response.json()
     assert body["id"] == "req-v2" and body["model_name"] == "wan" and body["model_version"] == MODEL_VERSION
     [output] = body["outputs"]
-    assert output["name"] == "request" and output["datatype"] == "BYTES" and len(output["data"]) == 1
+    # The protocol's answer: one BYTES element, the handler's JSON answer as text.
+    assert output["name"] == "response" and output["datatype"] == "BYTES" and len(output["data"]) == 1
+    assert json.loads(output["data"][0])["video"]["content_type"] == "video/mp4"
 
 
 def test_kserve_v2_protocol_generates_a_video(kserve):
     response = requests.post(f"{kserve.inference_url}/v2/models/wan/infer",
                              json=_v2_body(dict(REQUEST, seed=5)), timeout=120)
     assert response.status_code == 200, response.text
-    [result] = response.json()["outputs"][0]["data"]
+    [text] = response.json()["outputs"][0]["data"]
+    result = json.loads(text)
     assert result["seed"] == 5
     assert probe_mp4(base64.b64decode(result["video"]["base64"])).num_frames == SMALL["num_frames"]

@@ -259,3 +259,26 @@ def test_benchmark_parallel_stage_records_speedup_and_frame_difference(tmp_path)
     assert runs["2"]["frames_vs_1"]["max_abs"] == 0
     benchmark.chart([str(out)], str(tmp_path / "chart.png"))
     assert (tmp_path / "chart.png").stat().st_size > 0
+
+
+def test_two_ranks_apply_the_leaders_adapters_and_step_cache_exactly_as_one_process(tmp_path, tiny_checkpoints):
+    """Issue 14: the leader's decision carries the adapters and the profile; every rank applies
+    them, and with the guidance split the frames are still the one process's, bit for bit (the
+    step cache too: each branch keeps its own cache on its own rank)."""
+    weights = tiny_checkpoints["ti2v-5b"]
+    base = {"prompt": "fast modes", **SMALL, "seed": 3, "output": "inline"}
+    requests = [dict(base, lora=[{"name": "tiny-lora", "scale": 0.8}, {"name": "tiny-lora-b", "scale": 0.5}]),
+                dict(base, profile="cached"), base]
+    one = run_ranks(weights, tmp_path / "one", 1, requests=requests, settings=("step_cache.threshold=1000.0",))
+    two = run_ranks(weights, tmp_path / "two", 2, requests=requests, settings=("step_cache.threshold=1000.0",))
+    assert two["cfg_degree"] == 2
+    assert [a["status"] for a in two["answers"]] == [a["status"] for a in one["answers"]] == [200, 200, 200]
+    assert two["answers"][0]["body"]["lora"] == [{"name": "tiny-lora", "scale": 0.8},
+                                                 {"name": "tiny-lora-b", "scale": 0.5}]
+    assert two["answers"][1]["body"]["lossy"] == ["step_cache"]
+    for index in range(3):
+        assert _frames_difference(tmp_path / "one" / f"frames-{index}.npy",
+                                  tmp_path / "two" / f"frames-{index}.npy").max() == 0
+    # And the adapters and the cache did change the video.
+    for index in (0, 1):
+        assert _frames_difference(tmp_path / "two" / f"frames-{index}.npy", tmp_path / "two" / "frames-2.npy").max() > 0

@@ -309,6 +309,7 @@ def test_accepted_fields_are_the_contract():
     assert set(FIELDS) == {
         "prompt", "negative_prompt", "image", "width", "height", "num_frames", "fps",
         "num_inference_steps", "guidance_scale", "guidance_scale_2", "seed", "output", "stream",
+        "profile", "lora",  # DESIGN.md's fast modes (issue 14)
     }
 
 

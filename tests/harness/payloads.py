@@ -170,6 +170,8 @@ def answer_protocol(payload: Any) -> str:
         return "v1"
     if isinstance(payload, dict) and "outputs" in payload:
         return "v2"
+    if isinstance(payload, dict) and set(payload) == {"error"} and isinstance(payload["error"], str):
+        return "v2"  # the Open Inference Protocol's error; a plain answer's error is an object
     return "plain"
 
 
@@ -179,10 +181,13 @@ def unwrap_answer(payload: Any) -> Any:
         if answer_protocol(payload) == "v1":
             [answer] = payload["predictions"]
             return answer
+        if answer_protocol(payload) == "v2" and "error" in payload:
+            return payload  # the protocol's error: {"error": "<message>"}
         if answer_protocol(payload) == "v2":
             [output] = payload["outputs"]
             [answer] = output["data"]
-            return answer
+            # The protocol's BYTES element is a string: the answer's JSON text.
+            return json.loads(answer) if isinstance(answer, str) else answer
     except (LookupError, TypeError, ValueError):
         return None
     return payload

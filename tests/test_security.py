@@ -359,6 +359,8 @@ STORAGE_MODULE = "handler/storage.py"
 # The request path (parse, generate, encode, store) still fetches nothing.
 OPERATOR_ADDRESSED = {
     "handler/triton_health.py": "the liveness probe asks the pod's own Triton on 127.0.0.1",
+    "handler/cancel.py": "the cancellation check asks the operator's WAN_CANCEL_URL (the job service), "
+                         "with only a job id from the request, checked for its form",
 }
 
 

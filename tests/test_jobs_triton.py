@@ -9,21 +9,29 @@ import re
 import pytest
 
 from handler.video import probe_mp4
-from tests.harness.jobs import SLOW_JOB, TINY_JOB, JobService, sse_events, wait_for
+from tests.harness.jobs import SLOW_JOB, TINY_JOB, JobService, Postgres, sse_events, wait_for
 
 CANCELLED_AT = re.compile(r"cancelled by the client after step (\d+) of (\d+)")
 
 
 @pytest.fixture(scope="module")
-def triton_jobs(tmp_path_factory, triton, jobs_postgres):
-    """The endpoint as an operator writes it in config/jobs.yaml: kind triton, no model named."""
+def triton_jobs(tmp_path_factory, triton):
+    """The endpoint as an operator writes it in config/jobs.yaml: kind triton, no model named. Its
+    own database: the session's job service (tests/test_jobs.py) serves the same model name, and
+    its worker would take these jobs from the shared queue."""
     config = {"models": [{"name": "wan", "variant": "ti2v-5b", "model_config": str(triton.model_config),
                           "endpoints": [{"name": "triton", "kind": "triton", "url": triton.http_url,
                                          "capacity": 1, "timeout_s": 120, "cooldown_s": 1}]}]}
-    service = JobService(tmp_path_factory.mktemp("jobs-triton"), jobs_postgres, config)
-    service.start()
-    yield service
-    service.stop()
+    root = tmp_path_factory.mktemp("jobs-triton")
+    database = Postgres(root / "pg")
+    database.start()
+    service = JobService(root, database, config)
+    try:
+        service.start()
+        yield service
+    finally:
+        service.stop()
+        database.stop()
 
 
 def test_a_job_on_triton_streams_progress_and_completes(triton_jobs):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import yaml
 
 from handler.config import ParallelOptions, load_handler_config
 from handler.errors import ConfigError, InvalidRequest
@@ -79,12 +80,12 @@ def test_parallel_options_are_checked(tmp_path):
 
 # -- N ranks in-process, as TorchServe's torchrun starts them ---------------------------------------
 
-def run_ranks(weights: Path, out: Path, nproc: int, requests=REQUESTS, settings=()) -> dict:
+def run_ranks(weights: Path, out: Path, nproc: int, requests=REQUESTS, settings=(), config: Path = TINY_CONFIG) -> dict:
     out.mkdir(parents=True)
     (out / "requests.json").write_text(json.dumps(requests))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(free_ports(1)[0]),
-               "-m", "scripts.ranks", "--model-config", str(TINY_CONFIG), "--model-path", str(weights),
+               "-m", "scripts.ranks", "--model-config", str(config), "--model-path", str(weights),
                "--requests", str(out / "requests.json"), "--out", str(out), "--frames"]
     for setting in settings:
         command += ["--set", setting]
@@ -161,9 +162,14 @@ def test_a_size_whose_tokens_do_not_split_evenly_is_refused_naming_it(tmp_path, 
 
 def test_two_experts_split_over_ranks_give_the_one_process_frames(tmp_path, tiny_checkpoints):
     weights = tiny_checkpoints["t2v-a14b"]
+    # The tiny TI2V config without its adapters and profiles: their files are the TI2V checkpoint's.
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    for fast in ("lora", "profiles"):
+        config["handler"].pop(fast, None)
+    (tmp_path / "a14b.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     request = [{"prompt": "two experts", **SMALL, "num_inference_steps": 4, "seed": 9, "output": "inline"}]
-    one = run_ranks(weights, tmp_path / "one", 1, requests=request)
-    two = run_ranks(weights, tmp_path / "two", 2, requests=request)
+    one = run_ranks(weights, tmp_path / "one", 1, requests=request, config=tmp_path / "a14b.yaml")
+    two = run_ranks(weights, tmp_path / "two", 2, requests=request, config=tmp_path / "a14b.yaml")
     assert one["answers"][0]["status"] == two["answers"][0]["status"] == 200
     assert _frames_difference(tmp_path / "one" / "frames-0.npy", tmp_path / "two" / "frames-0.npy").max() == 0
 

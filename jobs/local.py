@@ -87,7 +87,7 @@ def start(settings: Settings) -> int:
     url = f"http://{HOST}:{_port()}"
     database_url = settings.database_url or db.embedded_url(settings.run_dir)
     db.migrate(database_url)
-    _ensure_key(settings, database_url)
+    key = _ensure_key(settings, database_url)
     _ensure_data_plane_token(settings)
     if _running_pid(settings) and _ready(url):
         print(f"job service already running: {url}")
@@ -108,7 +108,10 @@ def start(settings: Settings) -> int:
                 return 1
             time.sleep(0.3)
     print(f"job service: {url}/ (the page), API {url}/v1 (docs {url}/docs)")
-    print(f"  your API key (user 'local'): {key_file(settings)}  (paste its \"key\" into the page)")
+    # Printed for the person at this terminal (the service listens on 127.0.0.1 only); kept in the
+    # key file for scripts.
+    print(f"  your API key (user 'local'), to paste into the page: {key['key']}")
+    print(f"  (also in {key_file(settings)})")
     print(f"  logs: {settings.run_dir / 'logs' / 'jobs.log'}; database: embedded PostgreSQL in "
           f"{settings.run_dir / 'postgres'}")
     return 0

@@ -29,13 +29,13 @@ def embedded_url(run_dir: Path) -> str:
     the calling user (pgserver switches to its own user when called as root) and listens on a
     Unix socket in its data folder only. It keeps running after this process exits, so the API,
     the worker and `make serve` share it; ``stop_embedded`` stops it."""
-    import pgserver
-
     data = run_dir / "postgres"
     data.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (root, CI): pgserver does not need it.
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+        import pgserver
+
         server = pgserver.get_server(str(data), cleanup_mode=None)
     return server.get_uri()
 

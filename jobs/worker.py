@@ -229,7 +229,10 @@ class Runner:
         kept: dict[str, Any] = {"content_type": video.get("content_type", "video/mp4"),
                                 "timings": result.get("timings"), "warnings": result.get("warnings") or [],
                                 "request_id": result.get("request_id"), "variant": result.get("variant"),
-                                "endpoint": endpoint.name}
+                                "endpoint": endpoint.name,
+                                # What made this video beyond its parameters: the approximations it
+                                # took (never silently), the adapters fused at load, the code.
+                                **{k: result[k] for k in ("lossy", "lora_fused", "code_version") if k in result}}
         if mp4 is not None:
             self.results.save(video_id, mp4)
             kept["bytes"] = len(mp4)

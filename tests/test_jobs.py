@@ -397,6 +397,13 @@ def test_models_health_and_metrics(jobs_service, alice):
         assert job.status_code == 200, job.text
         done = jobs_service.wait_done(client, job.json()["id"])
         assert done["status"] == "completed", done
+        assert done["parameters"]["profile"] == "lightning" and done["result"]["lossy"] == []
+        # A lossy profile is said on the job's record, never silently taken.
+        cached = client.post("/v1/videos", json={"prompt": "cached", "profile": "cached", "size": "64x64",
+                                                 "num_frames": 5, "num_inference_steps": 2}).json()
+        cached = jobs_service.wait_done(client, cached["id"])
+        assert cached["status"] == "completed" and cached["result"]["lossy"] == ["step_cache"], cached
+        assert cached["result"]["code_version"]["package"]
     assert httpx.get(f"{jobs_service.url}/healthz", trust_env=False).status_code == 200
     assert httpx.get(f"{jobs_service.url}/readyz", trust_env=False).json()["status"] == "ready"
     text = httpx.get(f"{jobs_service.url}/metrics", trust_env=False).text

@@ -489,8 +489,9 @@ def load_handler_config(model_yaml: Mapping[str, Any] | None, model_dir: str | P
         if cpu_threads < 1:
             raise ConfigError("handler.cpu_threads must be at least 1")
 
+    worker = _worker_settings(model_yaml)
     fp8 = _check_type(section.get("fp8", False), bool, "handler.fp8")
-    if fp8 and _worker_settings(model_yaml).device_type != "gpu":
+    if fp8 and worker.device_type != "gpu":
         # torchao's float8 kernels need an H100-class GPU; a CPU worker would fail at the first matmul.
         raise ConfigError("handler.fp8 needs deviceType: gpu (FP8 matmuls run on GPUs only)")
 
@@ -507,5 +508,5 @@ def load_handler_config(model_yaml: Mapping[str, Any] | None, model_dir: str | P
         parallel=_typed_section(ParallelOptions, section.get("parallel"), "handler.parallel"),
         cpu_threads=cpu_threads,
         deadline_s=_deadline(model_yaml, section),
-        worker=_worker_settings(model_yaml),
+        worker=worker,
     )

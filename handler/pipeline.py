@@ -462,27 +462,35 @@ class WanVideoPipeline:
                 raise stops[0]
             return {}
 
-        kwargs = {
-            "prompt_embeds": prompt_embeds,
-            "negative_prompt_embeds": negative_embeds,
-            "height": first.height,
-            "width": first.width,
-            "num_frames": first.num_frames,
-            "num_inference_steps": first.num_inference_steps,
-            "guidance_scale": first.guidance_scale,
-            "generator": generators,
-            "output_type": "latent",
-            "return_dict": False,
-            "callback_on_step_end": step_end,
-        }
-        if self.spec.two_experts:
-            kwargs["guidance_scale_2"] = first.guidance_scale_2
+        kwargs = self._pipe_call(first, prompt_embeds, negative_embeds, generators, step_end)
         try:
             latents = pipe(**kwargs)[0]
         except STOPS:
             return None, timings, stops  # every one of them stopped
         timings["denoise_s"] = time.perf_counter() - mark
         return latents, timings, stops
+
+    def _pipe_call(self, req: GenerationRequest, prompt_embeds, negative_embeds, generator, step_end) -> dict:
+        """The diffusers call's arguments for ``req`` (a batch's shared shape and settings come from
+        its first request; only the embeddings and generators hold one entry per request)."""
+        kwargs = {
+            "prompt_embeds": prompt_embeds,
+            "negative_prompt_embeds": negative_embeds,
+            "height": req.height,
+            "width": req.width,
+            "num_frames": req.num_frames,
+            "num_inference_steps": req.num_inference_steps,
+            "guidance_scale": req.guidance_scale,
+            "generator": generator,
+            "output_type": "latent",
+            "return_dict": False,
+            "callback_on_step_end": step_end,
+        }
+        if self.spec.two_experts:
+            kwargs["guidance_scale_2"] = req.guidance_scale_2
+        if req.image is not None:
+            kwargs["image"] = req.image
+        return kwargs
 
     def _denoise(self, pipe, req: GenerationRequest, on_step: StepCallback | None) -> tuple[torch.Tensor, dict]:
         """Text encoding and the denoising loop: the part every rank runs together."""
@@ -520,24 +528,7 @@ class WanVideoPipeline:
                 raise stop
             return {}
 
-        kwargs = {
-            "prompt_embeds": prompt_embeds,
-            "negative_prompt_embeds": negative_embeds,
-            "height": req.height,
-            "width": req.width,
-            "num_frames": req.num_frames,
-            "num_inference_steps": req.num_inference_steps,
-            "guidance_scale": req.guidance_scale,
-            "generator": generator,
-            "output_type": "latent",
-            "return_dict": False,
-            "callback_on_step_end": step_end,
-        }
-        if self.spec.two_experts:
-            kwargs["guidance_scale_2"] = req.guidance_scale_2
-        if req.image is not None:
-            kwargs["image"] = req.image
-        latents = pipe(**kwargs)[0]
+        latents = pipe(**self._pipe_call(req, prompt_embeds, negative_embeds, generator, step_end))[0]
         timings["denoise_s"] = time.perf_counter() - mark
         return latents, timings
 
